@@ -1,0 +1,63 @@
+"""modeld's synchronous core: resolve, cache, check and load MLflow models.
+
+Nothing here imports aiohttp or :mod:`serving`; it works in any script::
+
+    import loader
+    model = loader.load_model("models:/iris/Production")
+    model.predict(df)
+"""
+
+from __future__ import annotations
+
+from loader.api import default_cache_dir, load_model, make_source
+from loader.cache import CacheEntry, ModelCache
+from loader.deps import DependencyPolicy, DependencyReport, Mismatch, check_model_dir
+from loader.errors import (
+    CacheError,
+    ConfigError,
+    DependencyMismatch,
+    InvalidModelURI,
+    LoaderError,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    RegistryError,
+    RegistryUnavailable,
+)
+from loader.manager import ModelHandle, ModelManager
+from loader.pipeline import ModelInfo, ModelSource, Prepared, Resolution
+from loader.registry import ModelVersion, Registry
+from loader.uri import ModelRef, RefKind, parse_uri
+
+__all__ = [
+    "CacheEntry",
+    "CacheError",
+    "ConfigError",
+    "DependencyMismatch",
+    "DependencyPolicy",
+    "DependencyReport",
+    "InvalidModelURI",
+    "LoaderError",
+    "Mismatch",
+    "ModelCache",
+    "ModelHandle",
+    "ModelInfo",
+    "ModelLoadError",
+    "ModelManager",
+    "ModelNotFound",
+    "ModelNotReady",
+    "ModelRef",
+    "ModelSource",
+    "ModelVersion",
+    "Prepared",
+    "RefKind",
+    "Registry",
+    "RegistryError",
+    "RegistryUnavailable",
+    "Resolution",
+    "check_model_dir",
+    "default_cache_dir",
+    "load_model",
+    "make_source",
+    "parse_uri",
+]

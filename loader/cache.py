@@ -1,0 +1,454 @@
+"""The disk cache: a verified local copy of every model version, shared by processes.
+
+Layout under the root (created 0700)::
+
+    models/<name>/<version>-<hash>/   the model files, visible only once complete
+    meta/<name>/<version>-<hash>/     MLmodel, requirements.txt... fetched before the weights
+    tmp/                              downloads in progress (<key>.<pid>.<random>)
+    locks/                            one lock file per key (download) and per key (in use)
+    index/                            diskcache: manifests, sizes, last use, pins, ref resolutions
+
+A download lands in ``tmp/``; every file's size and sha256 go into the index; then one
+``os.replace`` makes the entry visible. An entry is served only when the index has its manifest
+and the files match it, so a crash at any moment never leaves a half-written entry in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import diskcache
+
+from loader.errors import CacheError, ConfigError
+from loader.registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+Verify = Literal["size", "full", "none"]
+VERIFY_MODES = ("size", "full", "none")
+LOCK_TIMEOUT_S = 600.0
+_LOCK_POLL_S = 0.05
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A complete, verified cache entry."""
+
+    key: str
+    path: Path
+    bytes: int
+    downloaded: bool
+
+
+class ModelCache:
+    """Verified local copies of model versions, keyed by registry + name + version + source.
+
+    Args:
+        root: cache directory (created 0700).
+        max_bytes: size limit; least-recently-used entries are evicted past it, never one that
+            is pinned or held by :meth:`lease` in any process.
+        lock_timeout_s: how long to wait for another process downloading the same key.
+
+    Raises:
+        CacheError: the root cannot be created or the index cannot be opened.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = None,
+        lock_timeout_s: float = LOCK_TIMEOUT_S,
+    ) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ConfigError("cache.max_bytes", max_bytes, "a size in bytes >= 0")
+        self.root = Path(root).expanduser().resolve()
+        self.max_bytes = max_bytes
+        self.lock_timeout_s = lock_timeout_s
+        try:
+            for sub in ("", "models", "meta", "tmp", "locks"):
+                (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)
+            self._index = _open_index(self.root / "index")
+        except OSError as exc:
+            raise CacheError(f"cannot use cache directory {str(self.root)!r}: {exc}") from exc
+        self._thread_locks: dict[str, threading.Lock] = {}
+        self._thread_locks_guard = threading.Lock()
+        self._reap_temp_dirs()
+
+    def close(self) -> None:
+        self._index.close()
+
+    # -- keys and paths -----------------------------------------------------------------------
+
+    @staticmethod
+    def key(version: ModelVersion) -> str:
+        return f"{urllib.parse.quote(version.name, safe='')}/{version.cache_key}"
+
+    def path(self, key: str, *, meta: bool = False) -> Path:
+        return self.root / ("meta" if meta else "models") / key
+
+    # -- fetch --------------------------------------------------------------------------------
+
+    def fetch(
+        self,
+        version: ModelVersion,
+        download: Callable[[Path], None],
+        *,
+        verify: Verify = "size",
+    ) -> CacheEntry:
+        """Return the verified local copy of ``version``, downloading it once if needed.
+
+        ``download(tmp_dir)`` must write the model's files into ``tmp_dir``. Threads and
+        processes asking for the same version at once wait for one download.
+
+        Raises:
+            CacheError: disk full, lock timeout, or the download left no MLmodel file.
+        """
+        return self._fetch(self.key(version), version, download, verify=verify, meta=False)
+
+    def fetch_metadata(self, version: ModelVersion, download: Callable[[Path], None]) -> CacheEntry:
+        """Like :meth:`fetch` for the small metadata files only (read before the weights)."""
+        full = self.lookup(self.key(version), verify="size")
+        if full is not None:
+            return full
+        return self._fetch(self.key(version), version, download, verify="size", meta=True)
+
+    def lookup(self, key: str, *, verify: Verify = "size", meta: bool = False) -> CacheEntry | None:
+        """The complete entry for ``key``, or None. A corrupt entry is discarded (logged)."""
+        ikey = _ikey(key, meta)
+        record = self._index.get(ikey)
+        path = self.path(key, meta=meta)
+        if record is None:
+            return None
+        problem = _check(path, record["files"], verify)
+        if problem is not None:
+            log.warning(
+                "cache entry %s is damaged (%s): discarding it, will fetch again", key, problem
+            )
+            self._discard(key, meta=meta)
+            return None
+        record["last_used"] = time.time()
+        self._index.set(ikey, record)
+        return CacheEntry(key=key, path=path, bytes=record["bytes"], downloaded=False)
+
+    def _fetch(
+        self,
+        key: str,
+        version: ModelVersion,
+        download: Callable[[Path], None],
+        *,
+        verify: Verify,
+        meta: bool,
+    ) -> CacheEntry:
+        if verify not in VERIFY_MODES:
+            raise ConfigError("verify", verify, " | ".join(VERIFY_MODES))
+        entry = self.lookup(key, verify=verify, meta=meta)
+        if entry is not None:
+            return entry
+        with self._key_lock(key):
+            # Another thread or process may have finished it while we waited.
+            entry = self.lookup(key, verify=verify, meta=meta)
+            if entry is not None:
+                return entry
+            entry = self._download(key, version, download, meta=meta)
+        if not meta:
+            self.evict()
+        return entry
+
+    def _download(
+        self, key: str, version: ModelVersion, download: Callable[[Path], None], *, meta: bool
+    ) -> CacheEntry:
+        tmp = self.root / "tmp" / f"{_slug(key)}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        final = self.path(key, meta=meta)
+        tmp.mkdir(mode=0o700)
+        try:
+            download(tmp)
+            if not meta and not (tmp / "MLmodel").is_file():
+                raise CacheError(
+                    f"{version.label}: the downloaded artifacts have no MLmodel file at the top "
+                    f"(source {version.source!r}); is this an MLflow model?"
+                )
+            files = _manifest(tmp)
+            total = sum(size for size, _ in files.values())
+            record = {
+                "files": files,
+                "bytes": total,
+                "version": version.to_dict(),
+                "created": time.time(),
+                "last_used": time.time(),
+                "pinned": False,
+            }
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if final.exists():
+                _remove_tree(final)
+            # Record first, rename second: a record without a directory is a miss; a directory
+            # without a matching record is never served and gets replaced.
+            self._index.set(_ikey(key, meta), record)
+            os.replace(tmp, final)
+        except OSError as exc:
+            _remove_tree(tmp)
+            self._index.delete(_ikey(key, meta))
+            if exc.errno == errno.ENOSPC:
+                raise CacheError(
+                    f"disk full while caching {version.label} in {self.root}: free space or "
+                    "lower cache.max_bytes"
+                ) from exc
+            raise CacheError(f"cannot cache {version.label} in {self.root}: {exc}") from exc
+        except BaseException:
+            _remove_tree(tmp)
+            raise
+        what = "metadata of " if meta else ""
+        log.info("cached %s%s (%d files, %d bytes)", what, version.label, len(files), total)
+        return CacheEntry(key=key, path=final, bytes=total, downloaded=True)
+
+    # -- locks, leases, pins ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        """One holder per key across threads (threading.Lock) and processes (flock)."""
+        with self._thread_locks_guard:
+            tlock = self._thread_locks.setdefault(key, threading.Lock())
+        if not tlock.acquire(timeout=self.lock_timeout_s):
+            raise CacheError(f"timed out after {self.lock_timeout_s:.0f}s waiting to fetch {key}")
+        try:
+            with _flock(
+                self.root / "locks" / f"{_slug(key)}.lock", fcntl.LOCK_EX, self.lock_timeout_s, key
+            ):
+                yield
+        finally:
+            tlock.release()
+
+    @contextlib.contextmanager
+    def lease(self, key: str) -> Iterator[None]:
+        """Hold ``key`` in use (a shared lock): eviction in any process skips it meanwhile."""
+        with _flock(
+            self.root / "locks" / f"{_slug(key)}.use", fcntl.LOCK_SH, self.lock_timeout_s, key
+        ):
+            yield
+
+    def pin(self, key: str, pinned: bool = True) -> None:
+        """Mark an entry as never evictable (or evictable again)."""
+        with self._index.transact():
+            record = self._index.get(_ikey(key, False))
+            if record is None:
+                raise CacheError(f"no cache entry {key!r} to pin")
+            record["pinned"] = pinned
+            self._index.set(_ikey(key, False), record)
+
+    # -- eviction and inspection --------------------------------------------------------------
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every complete model entry: key, path, bytes, last use, pinned, version."""
+        out = []
+        for ikey in list(self._index.iterkeys()):
+            if not (isinstance(ikey, tuple) and ikey[0] == "entry"):
+                continue
+            record = self._index.get(ikey)
+            if record is None:
+                continue
+            out.append(
+                {
+                    "key": ikey[1],
+                    "path": str(self.path(ikey[1])),
+                    "bytes": record["bytes"],
+                    "last_used": record["last_used"],
+                    "pinned": record["pinned"],
+                    "version": record["version"],
+                }
+            )
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(e["bytes"] for e in self.entries())
+
+    def evict(self, max_bytes: int | None = None) -> list[str]:
+        """Evict least-recently-used entries until the cache fits ``max_bytes``.
+
+        Pinned entries and entries leased by any process are never evicted.
+        Returns the evicted keys.
+        """
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        if limit is None:
+            return []
+        entries = sorted(self.entries(), key=lambda e: e["last_used"])
+        total = sum(e["bytes"] for e in entries)
+        evicted = []
+        for entry in entries:
+            if total <= limit:
+                break
+            if entry["pinned"] or not self._try_evict(entry["key"]):
+                continue
+            total -= entry["bytes"]
+            evicted.append(entry["key"])
+            log.info("evicted %s from the cache (%d bytes)", entry["key"], entry["bytes"])
+        return evicted
+
+    def _try_evict(self, key: str) -> bool:
+        use = self.root / "locks" / f"{_slug(key)}.use"
+        fd = os.open(use, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # loaded somewhere
+            self._discard(key, meta=False)
+            self._discard(key, meta=True)
+            return True
+        finally:
+            os.close(fd)
+
+    def _discard(self, key: str, *, meta: bool) -> None:
+        self._index.delete(_ikey(key, meta))
+        _remove_tree(self.path(key, meta=meta))
+
+    def verify(self, *, full: bool = True) -> dict[str, str | None]:
+        """Check every entry; discard damaged ones. Returns key -> problem (None when fine)."""
+        report: dict[str, str | None] = {}
+        for entry in self.entries():
+            record = self._index.get(_ikey(entry["key"], False))
+            if record is None:
+                continue
+            problem = _check(Path(entry["path"]), record["files"], "full" if full else "size")
+            report[entry["key"]] = problem
+            if problem is not None:
+                log.warning("cache entry %s is damaged (%s): discarded", entry["key"], problem)
+                self._discard(entry["key"], meta=False)
+        return report
+
+    # -- ref resolutions (offline start) ------------------------------------------------------
+
+    def remember(self, registry: str, uri: str, version: ModelVersion) -> None:
+        """Record what ``uri`` resolved to, for a later start with the registry down."""
+        self._index.set(("ref", registry, uri), version.to_dict())
+
+    def recall(self, registry: str, uri: str) -> ModelVersion | None:
+        data = self._index.get(("ref", registry, uri))
+        return None if data is None else ModelVersion.from_dict(data)
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def _reap_temp_dirs(self) -> None:
+        """Remove downloads left by processes that died mid-way."""
+        for tmp in (self.root / "tmp").iterdir():
+            try:
+                pid = int(tmp.name.rsplit(".", 2)[1])
+            except (IndexError, ValueError):
+                pid = -1
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            log.info("removing an interrupted download: %s", tmp.name)
+            _remove_tree(tmp)
+
+
+def _ikey(key: str, meta: bool) -> tuple[str, str]:
+    return ("meta" if meta else "entry", key)
+
+
+def _slug(key: str) -> str:
+    return key.replace("/", "__")
+
+
+def _open_index(path: Path) -> diskcache.Cache:
+    try:
+        return diskcache.Cache(str(path), eviction_policy="none", size_limit=2**62)
+    except Exception as exc:  # sqlite3.DatabaseError on a damaged index file
+        log.warning("cache index at %s is unreadable (%s): rebuilding it empty", path, exc)
+        _remove_tree(path)
+        return diskcache.Cache(str(path), eviction_policy="none", size_limit=2**62)
+
+
+def _manifest(root: Path) -> dict[str, tuple[int, str]]:
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            full = Path(dirpath) / name
+            files[str(full.relative_to(root))] = (full.stat().st_size, _sha256(full))
+    return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check(root: Path, files: dict[str, Any], verify: Verify) -> str | None:
+    """None when ``root`` matches its manifest, else what is wrong."""
+    if not root.is_dir():
+        return "directory missing"
+    if verify == "none":
+        return None
+    for rel, (size, digest) in files.items():
+        path = root / rel
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if actual != size:
+            return f"{rel} has {actual} bytes, expected {size}"
+        if verify == "full" and _sha256(path) != digest:
+            return f"{rel} has the wrong sha256"
+    return None
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int, timeout_s: float, key: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CacheError(
+                        f"timed out after {timeout_s:.0f}s waiting for the lock on {key}: another "
+                        "process holds it; raise cache.lock_timeout_s if downloads are slow"
+                    ) from None
+                time.sleep(_LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a file or tree; move it aside first so a crash never leaves half of it in place."""
+    if not path.exists() and not path.is_symlink():
+        return
+    trash = path.with_name(f".trash-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)

@@ -1,0 +1,194 @@
+"""One model version from ref to loaded pyfunc: resolve -> metadata -> deps -> fetch -> load.
+
+:class:`ModelSource` ties the Registry, the ModelCache and the dependency policy together. It is
+synchronous and shared: ``load_model``, the :class:`~loader.manager.ModelManager` and the daemon
+all go through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loader.cache import CacheEntry, ModelCache, Verify
+from loader.deps import DependencyPolicy, DependencyReport, check_model_dir
+from loader.errors import LoaderError, RegistryUnavailable
+from loader.pyfunc import PyFuncLoader
+from loader.registry import METADATA_FILES, ModelVersion, Registry
+from loader.uri import ModelRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What a ref resolved to, and whether that came from the cache's memory (registry down)."""
+
+    ref: ModelRef
+    version: ModelVersion
+    stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A version on local disk that passed the dependency policy."""
+
+    version: ModelVersion
+    path: Path
+    report: DependencyReport
+    cache_key: str | None
+    downloaded: bool
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """Attached to every loaded model as ``model.modeld``: where it came from."""
+
+    uri: str
+    name: str
+    version: int
+    source: str
+    run_id: str | None
+    cache_path: str
+    dependency_report: DependencyReport
+    stale: bool = False
+    loaded_at: float = field(default_factory=time.time)
+    model_version: ModelVersion | None = None
+
+
+class ModelSource:
+    """Resolve, fetch, check and load model versions through one registry and one cache."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        cache: ModelCache,
+        *,
+        dependency_policy: DependencyPolicy | None = None,
+        verify: Verify = "size",
+    ) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.policy = dependency_policy or DependencyPolicy()
+        self.verify: Verify = verify
+
+    # -- resolve ------------------------------------------------------------------------------
+
+    def resolve_many(
+        self, refs: Iterable[ModelRef], *, known: Mapping[ModelRef, ModelVersion] | None = None
+    ) -> dict[ModelRef, Resolution | LoaderError]:
+        """Resolve refs with one registry request; fall back to remembered answers when down.
+
+        Never raises for the registry being down: each ref gets either a stale
+        :class:`Resolution` from the cache's memory or the :class:`RegistryUnavailable` error.
+        """
+        refs = list(refs)
+        out: dict[ModelRef, Resolution | LoaderError] = {}
+        remote = [r for r in refs if r.is_registry]
+        local = [r for r in refs if not r.is_registry]
+        answers = self.registry.resolve_many(local) if local else {}
+        if remote:
+            try:
+                answers.update(self.registry.resolve_many(remote, known=known))
+            except RegistryUnavailable as exc:
+                out.update({ref: self._recall(ref, exc) for ref in remote})
+        for ref, answer in answers.items():
+            if isinstance(answer, LoaderError):
+                out[ref] = answer
+                continue
+            if ref.is_registry:
+                self.cache.remember(self.registry.identity, ref.uri, answer)
+            out[ref] = Resolution(ref, answer)
+        return out
+
+    def resolve(self, ref: ModelRef) -> Resolution:
+        """Resolve one ref (see :meth:`resolve_many`).
+
+        Raises:
+            ModelNotFound, RegistryUnavailable, RegistryError
+        """
+        answer = self.resolve_many([ref])[ref]
+        if isinstance(answer, LoaderError):
+            raise answer
+        return answer
+
+    def _recall(self, ref: ModelRef, exc: RegistryUnavailable) -> Resolution | LoaderError:
+        remembered = self.cache.recall(self.registry.identity, ref.uri)
+        if remembered is None or self.cache.lookup(self.cache.key(remembered)) is None:
+            return RegistryUnavailable(self.registry.identity, exc.reason, uri=ref.uri)
+        log.warning(
+            "registry %s unreachable (%s): using cached %s for %s (stale)",
+            self.registry.identity,
+            exc.reason,
+            remembered.label,
+            ref.uri,
+        )
+        return Resolution(ref, remembered, stale=True)
+
+    # -- prepare ------------------------------------------------------------------------------
+
+    def prepare(self, version: ModelVersion) -> Prepared:
+        """Get ``version`` onto local disk, checking dependencies before the weights come.
+
+        Raises:
+            DependencyMismatch: the strict policy refuses the model (weights not downloaded).
+            RegistryUnavailable, RegistryError, CacheError: the files could not be fetched.
+        """
+        if version.local_path is not None:
+            path = Path(version.local_path)
+            report = self._check(version, path)
+            return Prepared(version, path, report, None, downloaded=False)
+        key = self.cache.key(version)
+        entry: CacheEntry | None = self.cache.lookup(key, verify=self.verify)
+        if entry is None:
+            meta = self.cache.fetch_metadata(
+                version, lambda dst: self.registry.download(version, dst, files=METADATA_FILES)
+            )
+            self._check(version, meta.path)
+            entry = self.cache.fetch(
+                version, lambda dst: self.registry.download(version, dst), verify=self.verify
+            )
+        report = self._check(version, entry.path, enforce=False)
+        return Prepared(version, entry.path, report, key, downloaded=entry.downloaded)
+
+    def _check(
+        self, version: ModelVersion, path: Path, *, enforce: bool = True
+    ) -> DependencyReport:
+        report = check_model_dir(path, self.policy)
+        if enforce:
+            self.policy.enforce(version.label, report)
+        return report
+
+    # -- load ---------------------------------------------------------------------------------
+
+    def load(self, prepared: Prepared, *, uri: str, stale: bool = False) -> Any:
+        """Load a prepared version with mlflow.pyfunc and attach :class:`ModelInfo`.
+
+        Raises:
+            ModelLoadError: mlflow could not load it.
+        """
+        started = time.perf_counter()
+        model = PyFuncLoader(prepared.path).load()
+        version = prepared.version
+        model.modeld = ModelInfo(
+            uri=uri,
+            name=version.name,
+            version=version.version,
+            source=version.source,
+            run_id=version.run_id,
+            cache_path=str(prepared.path),
+            dependency_report=prepared.report,
+            stale=stale,
+            model_version=version,
+        )
+        log.info(
+            "loaded %s in %.2fs from %s",
+            version.label,
+            time.perf_counter() - started,
+            prepared.path,
+        )
+        return model

@@ -1,0 +1,81 @@
+"""Load a cached model directory with ``mlflow.pyfunc`` and warm it up."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from loader.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+class PyFuncLoader:
+    """Cheap to construct; :meth:`load` does the expensive ``mlflow.pyfunc.load_model``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> Any:
+        """Load the model.
+
+        Raises:
+            ModelLoadError: mlflow could not load the files (the cause is chained).
+        """
+        import mlflow.pyfunc
+
+        try:
+            return mlflow.pyfunc.load_model(str(self.path))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"mlflow.pyfunc.load_model failed for {str(self.path)!r}: "
+                f"{type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+
+    def input_example(self) -> dict[str, Any] | None:
+        """The model's saved serving input example (``serving_input_example.json``), if any."""
+        path = self.path / "serving_input_example.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def warm_up(model: Any, example: dict[str, Any] | None, label: str) -> bool:
+    """Run one prediction on the saved serving example and check the answer is well formed.
+
+    Returns whether a warm-up ran.
+
+    Raises:
+        ModelLoadError: the prediction raised or returned nothing usable.
+    """
+    if not example:
+        return False
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    try:
+        data = infer_and_parse_data(
+            {k: v for k, v in example.items() if k != "params"},
+            model.metadata.get_input_schema(),
+        )
+        params = example.get("params")
+        result = model.predict(data, params=params) if params else model.predict(data)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{label} warm-up prediction on its saved input example failed: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+    if result is None:
+        raise ModelLoadError(f"{label} warm-up prediction returned None")
+    if hasattr(result, "__len__") and len(result) == 0:
+        raise ModelLoadError(f"{label} warm-up prediction returned an empty result")
+    return True
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."

@@ -1,0 +1,450 @@
+"""Resolve refs to concrete, READY model versions through an ``MlflowClient``.
+
+The Registry only reports: it never downloads weights into the cache nor decides what is served.
+``resolve_many`` answers any number of movable refs with ONE ``search_registered_models`` call
+(``name IN (...)`` returns each model's aliases and its latest version per stage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loader.errors import LoaderError, ModelNotFound, RegistryError, RegistryUnavailable
+from loader.uri import ModelRef, RefKind
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+#: Files read before the weights, so a strict dependency refusal costs almost nothing.
+METADATA_FILES = ("MLmodel", "requirements.txt", "python_env.yaml", "conda.yaml")
+_PAGE_SIZE = 1000
+_HTTP_BOUNDS = {
+    # MLflow's defaults retry a refused connection 7 times with backoff (minutes); a serving
+    # daemon must notice an outage in seconds and keep serving from its cache.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
+def bound_http_retries() -> None:
+    """Bound MLflow's HTTP retries unless the user already set them.
+
+    MLflow reads these only from the environment, at each request.
+    """
+    for key, value in _HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """A resolved, concrete model version as the registry described it."""
+
+    registry: str
+    name: str
+    version: int
+    source: str
+    run_id: str | None = None
+    status: str = READY
+    stage: str = "None"
+    aliases: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+    description: str | None = None
+    last_updated_ms: int | None = None
+    #: Local directory for ``runs:/`` and path refs; registry versions are downloaded instead.
+    local_path: str | None = field(default=None, compare=False)
+
+    @property
+    def label(self) -> str:
+        """``name@version`` as used in log lines."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def cache_key(self) -> str:
+        """Registry identity + name + version + source: two registries never collide."""
+        digest = hashlib.sha256(
+            "\x00".join((self.registry, self.name, str(self.version), self.source)).encode()
+        ).hexdigest()[:16]
+        return f"{self.version}-{digest}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "registry": self.registry,
+            "name": self.name,
+            "version": self.version,
+            "source": self.source,
+            "run_id": self.run_id,
+            "status": self.status,
+            "stage": self.stage,
+            "aliases": list(self.aliases),
+            "tags": dict(self.tags),
+            "description": self.description,
+            "last_updated_ms": self.last_updated_ms,
+            "local_path": self.local_path,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelVersion:
+        return cls(
+            registry=data["registry"],
+            name=data["name"],
+            version=int(data["version"]),
+            source=data["source"],
+            run_id=data.get("run_id"),
+            status=data.get("status", READY),
+            stage=data.get("stage", "None"),
+            aliases=tuple(data.get("aliases", ())),
+            tags=tuple(sorted((data.get("tags") or {}).items())),
+            description=data.get("description"),
+            last_updated_ms=data.get("last_updated_ms"),
+            local_path=data.get("local_path"),
+        )
+
+
+class Registry:
+    """Resolve :class:`ModelRef` values against one MLflow registry.
+
+    Args:
+        client: the ``MlflowClient`` to use (its tracking and registry URIs are honoured).
+        identity: a stable name for this registry, used in cache keys; defaults to the client's
+            registry URI.
+    """
+
+    def __init__(self, client: MlflowClient, *, identity: str | None = None) -> None:
+        self.client = client
+        self.tracking_uri: str = client._tracking_client.tracking_uri
+        self.identity = identity or _redact(client._registry_uri)
+        self._batch_filter_ok = True
+        #: Number of registry calls made; tests and benchmarks read it.
+        self.calls = 0
+
+    # -- resolution ---------------------------------------------------------------------------
+
+    def resolve(self, ref: ModelRef) -> ModelVersion:
+        """Resolve one ref to a READY version.
+
+        Raises:
+            ModelNotFound: unknown name, version or alias, or nothing READY in that stage.
+            RegistryUnavailable: the registry cannot be reached.
+            RegistryError: any other registry failure.
+        """
+        result = self.resolve_many([ref])[ref]
+        if isinstance(result, LoaderError):
+            raise result
+        return result
+
+    def resolve_many(
+        self,
+        refs: Iterable[ModelRef],
+        *,
+        known: Mapping[ModelRef, ModelVersion] | None = None,
+    ) -> dict[ModelRef, ModelVersion | LoaderError]:
+        """Resolve many refs with one batched registry request.
+
+        ``known`` holds the previous answers: an alias still pointing at the same version number,
+        or a fixed version whose model still exists, costs no extra call.
+
+        Raises:
+            RegistryUnavailable: the registry cannot be reached (nothing could be resolved).
+        """
+        refs = list(dict.fromkeys(refs))
+        known = known or {}
+        out: dict[ModelRef, ModelVersion | LoaderError] = {}
+        registry_refs = [r for r in refs if r.is_registry]
+        for ref in refs:
+            if not ref.is_registry:
+                out[ref] = self._resolve_local(ref)
+        if not registry_refs:
+            return out
+        names = sorted({r.name for r in registry_refs if r.name is not None})
+        models = self._fetch_models(names)
+        for ref in registry_refs:
+            try:
+                out[ref] = self._pick(ref, models.get(ref.name), known.get(ref))
+            except RegistryUnavailable:
+                raise
+            except LoaderError as exc:
+                out[ref] = exc
+        return out
+
+    def _fetch_models(self, names: list[str]) -> dict[str, Any]:
+        """Registered models by name, in one paged call when the backend allows it."""
+        batchable = [n for n in names if "'" not in n and "\\" not in n]
+        models: dict[str, Any] = {}
+        if self._batch_filter_ok and batchable:
+            quoted = ", ".join(f"'{n}'" for n in batchable)
+            try:
+                models.update(self._search(f"name IN ({quoted})"))
+            except RegistryError as exc:
+                code = getattr(exc.__cause__, "error_code", "")
+                if code not in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "ENDPOINT_NOT_FOUND"):
+                    raise
+                log.warning("registry refused a batched search (%s); polling per model", exc)
+                self._batch_filter_ok = False
+                models.clear()
+        for name in names:
+            if name in models or (self._batch_filter_ok and name in batchable):
+                continue
+            try:
+                models[name] = self._call(self.client.get_registered_model, name)
+            except ModelNotFound:
+                continue
+        return models
+
+    def _search(self, filter_string: str) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        token = None
+        while True:
+            page = self._call(
+                self.client.search_registered_models,
+                filter_string=filter_string,
+                max_results=_PAGE_SIZE,
+                page_token=token,
+            )
+            for rm in page:
+                found[rm.name] = rm
+            token = getattr(page, "token", None)
+            if not token:
+                return found
+
+    def _pick(self, ref: ModelRef, rm: Any, known: ModelVersion | None) -> ModelVersion:
+        name = ref.name
+        assert name is not None
+        if rm is None:
+            raise ModelNotFound(name, "registered model of that name", detail=f"ref {ref.uri}")
+        aliases_by_version: dict[int, list[str]] = {}
+        for alias, number in (rm.aliases or {}).items():
+            aliases_by_version.setdefault(int(number), []).append(alias)
+        latest = {int(mv.version): mv for mv in rm.latest_versions or ()}
+
+        def finish(mv: Any) -> ModelVersion:
+            return self._to_version(mv, tuple(sorted(aliases_by_version.get(int(mv.version), ()))))
+
+        if ref.kind is RefKind.VERSION:
+            assert ref.version is not None
+            if ref.version in latest:
+                return self._require_ready(ref, finish(latest[ref.version]))
+            if known is not None and known.version == ref.version:
+                aliases = tuple(sorted(aliases_by_version.get(ref.version, ())))
+                return replace(known, aliases=aliases)
+            return self._require_ready(ref, finish(self._get_version(name, ref.version)))
+        if ref.kind is RefKind.ALIAS:
+            number = {a.lower(): int(v) for a, v in (rm.aliases or {}).items()}.get(
+                str(ref.alias).lower()
+            )
+            if number is None:
+                have = ", ".join(sorted(rm.aliases or {})) or "none"
+                raise ModelNotFound(name, f"alias {ref.alias!r}", detail=f"aliases: {have}")
+            if number in latest:
+                return self._require_ready(ref, finish(latest[number]))
+            if known is not None and known.version == number:
+                return replace(known, aliases=tuple(sorted(aliases_by_version.get(number, ()))))
+            return self._require_ready(ref, finish(self._get_version(name, number)))
+        if ref.kind is RefKind.STAGE:
+            candidates = [mv for mv in latest.values() if mv.current_stage == ref.stage]
+        else:
+            candidates = list(latest.values())
+        if not candidates:
+            what = f"version in stage {ref.stage!r}" if ref.kind is RefKind.STAGE else "versions"
+            raise ModelNotFound(name, what)
+        best = max(candidates, key=lambda mv: int(mv.version))
+        if best.status == READY:
+            return finish(best)
+        # The highest version is still registering (or failed): serve the highest READY one.
+        return finish(self._highest_ready(name, ref.stage if ref.kind is RefKind.STAGE else None))
+
+    def _highest_ready(self, name: str, stage: str | None) -> Any:
+        versions = self._call(
+            self.client.search_model_versions, filter_string=f"name = '{name}'", max_results=1000
+        )
+        ready = [
+            mv
+            for mv in versions
+            if mv.status == READY and (stage is None or mv.current_stage == stage)
+        ]
+        if not ready:
+            what = f"READY version in stage {stage!r}" if stage else "READY version"
+            raise ModelNotFound(name, what)
+        return max(ready, key=lambda mv: int(mv.version))
+
+    def _get_version(self, name: str, version: int) -> Any:
+        return self._call(self.client.get_model_version, name, str(version))
+
+    def _require_ready(self, ref: ModelRef, mv: ModelVersion) -> ModelVersion:
+        if mv.status != READY:
+            raise ModelNotFound(
+                mv.name, f"READY version {mv.version}", detail=f"status is {mv.status}"
+            )
+        return mv
+
+    def _to_version(self, mv: Any, aliases: tuple[str, ...]) -> ModelVersion:
+        return ModelVersion(
+            registry=self.identity,
+            name=mv.name,
+            version=int(mv.version),
+            source=mv.source or "",
+            run_id=mv.run_id or None,
+            status=mv.status or READY,
+            stage=mv.current_stage or "None",
+            aliases=aliases,
+            tags=tuple(sorted((mv.tags or {}).items())),
+            description=mv.description or None,
+            last_updated_ms=mv.last_updated_timestamp,
+        )
+
+    def _resolve_local(self, ref: ModelRef) -> ModelVersion | LoaderError:
+        if ref.kind is RefKind.PATH:
+            path = Path(str(ref.path))
+            if not (path / "MLmodel").is_file():
+                return ModelNotFound(str(path), "MLmodel file", detail=f"ref {ref.uri}")
+            stamp = int((path / "MLmodel").stat().st_mtime_ns // 1_000_000)
+            return ModelVersion(
+                registry="local",
+                name=path.name,
+                version=1,
+                source=str(path),
+                last_updated_ms=stamp,
+                local_path=str(path),
+            )
+        # runs:/ artifacts do not change once logged: the run id and path name them for good.
+        return ModelVersion(
+            registry=self.identity,
+            name=f"run-{ref.run_id}-{ref.path.replace('/', '-') if ref.path else ''}",
+            version=1,
+            source=ref.uri,
+            run_id=ref.run_id,
+        )
+
+    # -- downloads ----------------------------------------------------------------------------
+
+    def download(self, version: ModelVersion, dst: Path, *, files: Iterable[str] = ()) -> None:
+        """Download a version's artifacts (or only ``files`` of them) into ``dst``.
+
+        Missing optional ``files`` are skipped.
+
+        Raises:
+            RegistryUnavailable, RegistryError: the artifacts could not be downloaded.
+        """
+        from mlflow.artifacts import download_artifacts
+
+        if version.source.startswith("runs:/") and version.name.startswith("run-"):
+            base = version.source
+        else:
+            base = self._call(
+                self.client.get_model_version_download_uri, version.name, str(version.version)
+            )
+        wanted = list(files)
+        dst.mkdir(parents=True, exist_ok=True)
+        if not wanted:
+            self._call(
+                download_artifacts,
+                artifact_uri=base,
+                dst_path=str(dst),
+                tracking_uri=self.tracking_uri,
+            )
+            _flatten_single_dir(dst)
+            return
+        for name in wanted:
+            try:
+                self._call(
+                    download_artifacts,
+                    artifact_uri=f"{base.rstrip('/')}/{name}",
+                    dst_path=str(dst),
+                    tracking_uri=self.tracking_uri,
+                )
+            except RegistryUnavailable:
+                raise
+            except RegistryError:
+                log.debug("%s has no %s", version.label, name)
+
+    # -- error mapping ------------------------------------------------------------------------
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as exc:
+            raise _map_mlflow_error(self.identity, exc) from exc
+        except OSError as exc:
+            raise RegistryUnavailable(self.identity, f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            if _looks_like_connection_error(exc):
+                raise RegistryUnavailable(self.identity, _short(exc)) from exc
+            raise RegistryError(f"registry {self.identity}: {_short(exc)}") from exc
+
+
+def _map_mlflow_error(identity: str, exc: Any) -> RegistryError:
+    code = getattr(exc, "error_code", "")
+    message = getattr(exc, "message", str(exc))
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return ModelNotFound(_between(message), "such entry", detail=_short(message))
+    if _looks_like_connection_error(exc) or code in ("TEMPORARILY_UNAVAILABLE",):
+        return RegistryUnavailable(identity, _short(message))
+    return RegistryError(f"registry {identity} failed: {_short(message)} ({code})")
+
+
+def _looks_like_connection_error(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    markers = (
+        "ConnectionError",
+        "Connection refused",
+        "Max retries exceeded",
+        "failed with exception",
+        "Read timed out",
+        "ConnectTimeout",
+        "OperationalError",
+        "unable to open database",
+        "status code 50",
+        "Name or service not known",
+    )
+    return any(m in text for m in markers)
+
+
+def _between(message: str) -> str:
+    """Best-effort model name from MLflow's 'Registered Model with name=X not found'."""
+    for marker in ("name=", "name '"):
+        if marker in message:
+            tail = message.split(marker, 1)[1]
+            return tail.split(" ", 1)[0].strip("'\"")
+    return "?"
+
+
+def _short(value: object, limit: int = 300) -> str:
+    text = str(value).strip().splitlines()[0] if str(value).strip() else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _redact(uri: str) -> str:
+    """Drop credentials from a URI so it can be logged and used as a cache identity."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=host))
+    return uri
+
+
+def _flatten_single_dir(dst: Path) -> None:
+    """download_artifacts of a directory URI may nest it one level; keep MLmodel at the top."""
+    if (dst / "MLmodel").exists():
+        return
+    children = list(dst.iterdir())
+    if len(children) == 1 and children[0].is_dir() and (children[0] / "MLmodel").exists():
+        inner = children[0]
+        for item in inner.iterdir():
+            item.rename(dst / item.name)
+        inner.rmdir()

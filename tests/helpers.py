@@ -1,0 +1,140 @@
+"""Build real MLflow models and registries for the tests (no MLflow mocks)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+IRIS_COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+
+
+def pins(*names: str) -> list[str]:
+    """Requirements pinned to what is installed (saves MLflow's slow inference subprocess)."""
+    return [f"{n}=={importlib.metadata.version(n)}" for n in names]
+
+
+BASE_REQUIREMENTS = ("mlflow", "scikit-learn", "numpy", "pandas", "scipy", "skops")
+
+
+def iris_frame(rows: int = 2) -> pd.DataFrame:
+    from sklearn.datasets import load_iris
+
+    X, _ = load_iris(return_X_y=True, as_frame=True)
+    return X.head(rows).reset_index(drop=True)
+
+
+def save_iris_model(path: Path, *, constant: int | None = None, requirements=None) -> Path:
+    """A real iris classifier; with ``constant`` a DummyClassifier answering that class.
+
+    Every version of a test model answers differently, so a prediction names its version.
+    """
+    import mlflow.sklearn
+    from sklearn.datasets import load_iris
+    from sklearn.dummy import DummyClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    if constant is None:
+        model = LogisticRegression(max_iter=500).fit(X, y)
+    else:
+        model = DummyClassifier(strategy="constant", constant=constant).fit(X, y + constant)
+    mlflow.sklearn.save_model(
+        model,
+        str(path),
+        input_example=X.head(2),
+        pip_requirements=list(requirements or pins(*BASE_REQUIREMENTS)),
+    )
+    return path
+
+
+def register(client: Any, name: str, source: Path, *, stage: str | None = None) -> int:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass
+    mv = client.create_model_version(name, source=str(source))
+    if stage:
+        client.transition_model_version_stage(name, mv.version, stage)
+    return int(mv.version)
+
+
+def set_status(db: Path, name: str, version: int, status: str) -> None:
+    """Mark a version non-READY (the sqlite store creates every version READY)."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE model_versions SET status = ? WHERE name = ? AND version = ?",
+            (status, name, version),
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer in {timeout_s}s")
+
+
+class MlflowServer:
+    """A real ``mlflow server`` subprocess on 127.0.0.1 over a given sqlite registry."""
+
+    def __init__(self, db: Path, artifacts: Path, log_path: Path, port: int | None = None) -> None:
+        self.db, self.artifacts, self.log_path = db, artifacts, log_path
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log = open(self.log_path, "ab")
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", f"sqlite:///{self.db}",
+                "--default-artifact-root", str(self.artifacts),
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            ],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+        wait_http(f"{self.url}/health", timeout_s=120, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def api_requests(self) -> list[str]:
+        """Registry API request lines the server logged so far (uvicorn's access log)."""
+        text = self.log_path.read_text(errors="replace")
+        return [line for line in text.splitlines() if "/api/2.0/mlflow/" in line]

@@ -1,0 +1,126 @@
+"""Resolution against a real sqlite registry, and over HTTP against a real mlflow server."""
+
+import time
+
+import mlflow.pyfunc
+import pytest
+from mlflow import MlflowClient
+
+from loader import ModelNotFound, Registry, RegistryUnavailable, parse_uri
+from loader.registry import bound_http_retries
+from tests.helpers import iris_frame, register
+
+PARITY_URIS = [
+    "models:/iris/1",
+    "models:/iris/3",
+    "models:/iris/latest",
+    "models:/iris/Production",
+    "models:/iris/production",
+    "models:/iris/STAGING",
+    "models:/iris@champion",
+]
+
+
+@pytest.fixture(scope="module")
+def reg(registry):
+    return Registry(registry.client())
+
+
+@pytest.mark.parametrize("uri", PARITY_URIS)
+def test_resolution_matches_mlflow(reg, uri):
+    ours = reg.resolve(parse_uri(uri))
+    theirs = int(mlflow.pyfunc.load_model(uri).predict(iris_frame(1))[0])
+    # const-k models answer k for every row, so MLflow's prediction names its version.
+    assert ours.version == theirs
+    assert ours.status == "READY"
+
+
+def test_resolved_fields(reg):
+    v = reg.resolve(parse_uri("models:/iris@champion"))
+    assert (v.name, v.version, v.stage, v.aliases) == ("iris", 1, "Staging", ("champion",))
+    assert v.source and v.last_updated_ms
+    assert v.label == "iris@1"
+
+
+def test_two_versions_in_one_stage_resolve_to_the_higher(registry, reg):
+    client = registry.client()
+    for k in (1, 2, 3):
+        register(client, "two-in-stage", registry.models[f"const{k}"], stage="Production")
+    assert reg.resolve(parse_uri("models:/two-in-stage/Production")).version == 3
+    client.transition_model_version_stage("two-in-stage", 3, "Archived")
+    assert reg.resolve(parse_uri("models:/two-in-stage/Production")).version == 2
+    assert reg.resolve(parse_uri("models:/two-in-stage/archived")).version == 3
+
+
+def test_alias_moved_and_version_deleted(registry, reg):
+    client = registry.client()
+    for k in (1, 2):
+        register(client, "moving", registry.models[f"const{k}"])
+    client.set_registered_model_alias("moving", "live", "1")
+    ref = parse_uri("models:/moving@live")
+    assert reg.resolve(ref).version == 1
+    client.set_registered_model_alias("moving", "live", "2")
+    assert reg.resolve(ref).version == 2
+    assert reg.resolve(parse_uri("models:/moving/latest")).version == 2
+    client.delete_model_version("moving", "2")
+    assert reg.resolve(parse_uri("models:/moving/latest")).version == 1
+    with pytest.raises(ModelNotFound, match="live"):
+        reg.resolve(ref)  # deleting the version deleted its alias
+    with pytest.raises(ModelNotFound):
+        reg.resolve(parse_uri("models:/moving/2"))
+
+
+def test_non_ready_versions_are_skipped(reg):
+    assert reg.resolve(parse_uri("models:/pending/latest")).version == 1
+    with pytest.raises(ModelNotFound, match="READY"):
+        reg.resolve(parse_uri("models:/pending/2"))
+
+
+@pytest.mark.parametrize(
+    ("uri", "needle"),
+    [
+        ("models:/no-such-model/1", "no-such-model"),
+        ("models:/iris/99", "iris"),
+        ("models:/iris@nobody", "nobody"),
+        ("models:/iris/Archived", "Archived"),
+    ],
+)
+def test_not_found_names_what_was_asked(reg, uri, needle):
+    with pytest.raises(ModelNotFound) as info:
+        reg.resolve(parse_uri(uri))
+    assert needle in str(info.value)
+
+
+def test_resolve_many_reports_per_ref(reg):
+    refs = [parse_uri("models:/iris/latest"), parse_uri("models:/nope/latest")]
+    out = reg.resolve_many(refs)
+    assert out[refs[0]].version == 3
+    assert isinstance(out[refs[1]], ModelNotFound)
+
+
+def test_resolve_many_twenty_models_is_one_http_request(registry, mlflow_server):
+    client = registry.client()
+    for i in range(20):
+        register(client, f"fleet-{i:02d}", registry.models["const1"], stage="Production")
+        client.set_registered_model_alias(f"fleet-{i:02d}", "live", "1")
+    bound_http_retries()
+    remote = Registry(MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url))
+    refs = [parse_uri(f"models:/fleet-{i:02d}/Production") for i in range(10)]
+    refs += [parse_uri(f"models:/fleet-{i:02d}@live") for i in range(10, 20)]
+    before = len(mlflow_server.api_requests())
+    out = remote.resolve_many(refs)
+    time.sleep(0.3)  # let the access log flush
+    made = mlflow_server.api_requests()[before:]
+    assert all(v.version == 1 for v in out.values()), out
+    assert len(made) == 1, made
+    assert "registered-models/search" in made[0]
+
+
+def test_unreachable_registry_is_quick_and_typed():
+    bound_http_retries()
+    dead = Registry(MlflowClient(tracking_uri="http://127.0.0.1:9", registry_uri="http://127.0.0.1:9"))
+    started = time.monotonic()
+    with pytest.raises(RegistryUnavailable) as info:
+        dead.resolve(parse_uri("models:/iris/latest"))
+    assert time.monotonic() - started < 15
+    assert "127.0.0.1:9" in str(info.value)
