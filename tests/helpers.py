@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import socket
@@ -59,10 +60,8 @@ def save_iris_model(path: Path, *, constant: int | None = None, requirements=Non
 def register(client: Any, name: str, source: Path, *, stage: str | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
-    try:
+    with contextlib.suppress(MlflowException):
         client.create_registered_model(name)
-    except MlflowException:
-        pass
     mv = client.create_model_version(name, source=str(source))
     if stage:
         client.transition_model_version_stage(name, mv.version, stage)
@@ -109,7 +108,7 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(
             [

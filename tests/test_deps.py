@@ -89,7 +89,9 @@ def test_ignore_list(tmp_path):
 def test_python_version_and_mlmodel_pins(tmp_path):
     mlmodel = "mlflow_version: 0.9.0\nflavors:\n  sklearn:\n    sklearn_version: 0.20.3\n"
     write_model(tmp_path, [], python="2.7.18", mlmodel=mlmodel)
-    texts = [str(m) for m in check_model_dir(tmp_path, DependencyPolicy("warn", "major")).mismatches]
+    texts = [
+        str(m) for m in check_model_dir(tmp_path, DependencyPolicy("warn", "major")).mismatches
+    ]
     assert f"python: installed {platform.python_version()}, model needs ==2.7.18" in texts
     assert any(t.startswith("mlflow: installed") and "==0.9.0" in t for t in texts)
     assert f"scikit-learn: installed {SKLEARN}, model needs ==0.20.3" in texts

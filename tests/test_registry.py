@@ -118,7 +118,9 @@ def test_resolve_many_twenty_models_is_one_http_request(registry, mlflow_server)
 
 def test_unreachable_registry_is_quick_and_typed():
     bound_http_retries()
-    dead = Registry(MlflowClient(tracking_uri="http://127.0.0.1:9", registry_uri="http://127.0.0.1:9"))
+    dead = Registry(
+        MlflowClient(tracking_uri="http://127.0.0.1:9", registry_uri="http://127.0.0.1:9")
+    )
     started = time.monotonic()
     with pytest.raises(RegistryUnavailable) as info:
         dead.resolve(parse_uri("models:/iris/latest"))
