@@ -1,0 +1,114 @@
+"""The aiohttp application: ``create_app(config)`` wires the pipeline to HTTP.
+
+One :class:`Daemon` per app (no globals) holds the two bounded executors (*load*: MLflow calls,
+downloads, ``load_model``; *predict*: parse + predict + encode), the shared
+:class:`~loader.pipeline.ModelSource` and the :class:`~loader.manager.ModelManager`. Each
+resource starts in a ``cleanup_ctx`` and is stopped after its ``yield``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from loader.manager import ModelManager
+from serving.config import Config
+from serving.errors import error_middleware
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+
+
+class Daemon:
+    """The state of one running server."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="modeld-load")
+        self.predict_pool = ThreadPoolExecutor(
+            config.server.predict_threads, thread_name_prefix="modeld-predict"
+        )
+        self.manager: ModelManager | None = None
+        self.started = asyncio.Event()
+        self.start_error: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def in_load_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.load_pool, fn, *args)
+
+    async def start(self) -> None:
+        """Build the pipeline and load every model, off the event loop."""
+        try:
+            self.manager = await self.in_load_pool(self._build_manager)
+        except Exception as exc:  # the server keeps answering probes with the reason
+            self.start_error = f"{type(exc).__name__}: {exc}"
+            log.exception("modeld could not start its model pipeline")
+            return
+        finally:
+            self.started.set()
+        await self.refresh()
+
+    def _build_manager(self) -> ModelManager:
+        from loader.api import make_source
+
+        c = self.config
+        source = make_source(
+            cache_dir=c.cache.dir or None,
+            tracking_uri=c.registry.tracking_uri or None,
+            registry_uri=c.registry.registry_uri or None,
+            dependency_policy=c.dependencies.policy,  # type: ignore[arg-type]
+            dependency_match=c.dependencies.match,  # type: ignore[arg-type]
+            dependency_ignore=c.dependencies.ignore,
+            verify=c.cache.verify,  # type: ignore[arg-type]
+            max_cache_bytes=c.cache.max_bytes or None,
+        )
+        manager = ModelManager(source)
+        for model in c.models:
+            manager.add(model.name, model.uri, swap=model.swap, warmup=model.warmup)  # type: ignore[arg-type]
+        return manager
+
+    async def refresh(self, names: Iterable[str] | None = None, *, force: bool = False) -> None:
+        if self.manager is not None:
+            await self.in_load_pool(lambda: self.manager.refresh(names, force=force))
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.manager is not None:
+            await self.in_load_pool(self.manager.close)
+        self.predict_pool.shutdown(wait=True, cancel_futures=True)
+        self.load_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def create_app(config: Config) -> web.Application:
+    """The aiohttp application serving ``config``'s models."""
+    from serving import handlers
+
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
+    )
+    daemon = Daemon(config)
+    app[DAEMON] = daemon
+
+    async def pipeline(app: web.Application) -> AsyncIterator[None]:
+        daemon.spawn(daemon.start())
+        yield
+        await daemon.stop()
+
+    app.cleanup_ctx.append(pipeline)
+    handlers.add_routes(app)
+    return app

@@ -1,0 +1,127 @@
+"""``modeld`` command line: serve, demo, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from serving.config import Config, ConfigProblems, load_config
+
+log = logging.getLogger("modeld")
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modeld", description="Keep MLflow models served, cached and fresh."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve models over HTTP (MLflow scoring protocol)")
+    _serve_options(serve)
+
+    demo = sub.add_parser("demo", help="create a local registry with a model and serve it")
+    demo.add_argument("--state-dir", default=".modeld-demo", help="where the demo keeps its files")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit (2 when bad)")
+    check.add_argument("config", help="TOML config file")
+    return parser
+
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-m", "--model", action="append", default=[], metavar="[NAME=]URI",
+        help="model to serve (repeatable); NAME names the route, else the registered name",
+    )  # fmt: skip
+    parser.add_argument("--config", help="TOML config file (see config.example.toml)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8080)")
+    parser.add_argument(
+        "--cache-dir", help="disk cache (default $MODELD_CACHE_DIR or ~/.cache/modeld)"
+    )
+    parser.add_argument(
+        "--dependency-policy", choices=("strict", "warn", "ignore"),
+        help="what to do when a model's requirements are not met (default warn)",
+    )  # fmt: skip
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.log_level": args.log_level,
+        "cache.dir": args.cache_dir,
+        "dependencies.policy": args.dependency_policy,
+    }
+    config = load_config(args.config, overrides=overrides, extra_models=args.model)
+    if not config.models:
+        raise ConfigProblems(["no model to serve: pass -m URI or add [[models]] to --config"])
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.config)
+    if args.command == "demo":
+        from serving.demo import run_demo
+
+        return run_demo(args.state_dir, host=args.host, port=args.port)
+    try:
+        config = config_from_args(args)
+    except ConfigProblems as exc:
+        print(f"modeld: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return serve(config)
+
+
+def serve(config: Config, *, banner: str | None = None) -> int:
+    from aiohttp import web
+
+    from serving.app import create_app
+    from serving.logsetup import setup_logging
+
+    setup_logging(config.server.log_level)
+    app = create_app(config)
+    host, port = config.server.host, config.server.port
+
+    async def announce(_: web.Application) -> None:
+        routes = ", ".join(f"{m.name}={m.uri}" for m in config.models)
+        log.info("modeld listening on http://%s:%d serving %s", host, port, routes)
+        if banner:
+            print(banner, flush=True)
+
+    app.on_startup.append(announce)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        shutdown_timeout=config.server.drain_timeout_s,
+        access_log=None,
+        print=None,
+        handle_signals=True,
+    )
+    log.info("modeld stopped")
+    return 0
+
+
+def _check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigProblems as exc:
+        print(f"modeld: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    models = ", ".join(f"{m.name}={m.uri}" for m in config.models) or "no models"
+    print(f"{path}: ok ({models})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

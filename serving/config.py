@@ -1,0 +1,303 @@
+"""Configuration: TOML file, then ``MODELD_<SECTION>__<KEY>`` env overrides, then CLI flags.
+
+Everything is validated at once; :class:`ConfigProblems` carries every problem with its key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loader.cache import VERIFY_MODES
+from loader.deps import MATCHES, POLICIES
+from loader.manager import SWAP_POLICIES
+from loader.uri import parse_uri
+
+ENV_PREFIX = "MODELD_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigProblems(Exception):
+    """Every problem found in a configuration, one per line with its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 64 * 1024 * 1024
+    request_timeout_s: float = 60.0
+    drain_timeout_s: float = 30.0
+    predict_threads: int = 4
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    tracking_uri: str = ""
+    registry_uri: str = ""
+    poll_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str = ""
+    max_bytes: int = 0
+    verify: str = "size"
+
+
+@dataclass(frozen=True)
+class DependenciesConfig:
+    policy: str = "warn"
+    match: str = "minor"
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    uri: str
+    default: bool = False
+    swap: str = "availability"
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    dependencies: DependenciesConfig = field(default_factory=DependenciesConfig)
+    models: tuple[ModelConfig, ...] = ()
+    path: str | None = None
+
+    @property
+    def default_model(self) -> str | None:
+        """The route ``POST /invocations`` answers: the only one, or the one marked default."""
+        marked = [m.name for m in self.models if m.default]
+        if marked:
+            return marked[0]
+        return self.models[0].name if len(self.models) == 1 else None
+
+
+_SECTIONS = {
+    "server": ServerConfig,
+    "registry": RegistryConfig,
+    "cache": CacheConfig,
+    "dependencies": DependenciesConfig,
+}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    extra_models: list[str] | None = None,
+) -> Config:
+    """Build a :class:`Config` from a TOML file, env overrides and flag overrides.
+
+    ``overrides`` maps ``section.key`` to a value (from CLI flags); ``extra_models`` are
+    ``-m`` values (``URI`` or ``NAME=URI``).
+
+    Raises:
+        ConfigProblems: every problem found, each with its key path.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigProblems([f"{path}: cannot read ({exc.strerror or exc})"]) from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigProblems([f"{path}: not valid TOML ({exc})"]) from exc
+    for key in raw:
+        if key not in _SECTIONS and key != "models":
+            problems.append(f"{key}: unknown section (known: {', '.join([*_SECTIONS, 'models'])})")
+
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            problems.append(f"{name}: expected a table, got {type(values).__name__}")
+            values = {}
+        values = dict(values)
+        for fld in dataclasses.fields(cls):
+            env_key = f"{ENV_PREFIX}{name.upper()}__{fld.name.upper()}"
+            if env_key in env:
+                values[fld.name] = _from_env(env[env_key], fld.default)
+            dotted = f"{name}.{fld.name}"
+            if overrides and overrides.get(dotted) is not None:
+                values[fld.name] = overrides[dotted]
+        sections[name] = _build(cls, name, values, problems)
+
+    models = _models(raw.get("models", []), extra_models or [], problems)
+    config = Config(**sections, models=tuple(models), path=str(path) if path else None)
+    _validate(config, problems)
+    if problems:
+        raise ConfigProblems(problems)
+    return config
+
+
+def _from_env(text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    if isinstance(default, tuple):
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+    return text
+
+
+def _build(cls: type, section: str, values: dict[str, Any], problems: list[str]) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            problems.append(f"{section}.{key}: unknown key (known: {', '.join(known)})")
+            continue
+        default = known[key].default
+        ok = _type_ok(value, default)
+        if not ok:
+            expected = type(default).__name__ if default is not dataclasses.MISSING else "value"
+            if isinstance(default, tuple):
+                expected = "a list of strings"
+            problems.append(f"{section}.{key} = {value!r}: expected {expected}")
+            continue
+        if isinstance(default, tuple):
+            value = tuple(value)
+        if isinstance(default, float) and not isinstance(value, bool):
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
+def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig]:
+    models: list[ModelConfig] = []
+    if not isinstance(raw, list):
+        problems.append("models: expected [[models]] tables")
+        raw = []
+    for i, item in enumerate(raw):
+        where = f"models[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected a table")
+            continue
+        unknown = set(item) - {f.name for f in dataclasses.fields(ModelConfig)}
+        for key in sorted(unknown):
+            problems.append(f"{where}.{key}: unknown key (known: name, uri, default, swap, warmup)")
+        uri = item.get("uri")
+        if not isinstance(uri, str):
+            problems.append(f"{where}.uri: required, a model URI such as models:/iris/Production")
+            continue
+        name = item.get("name") or _default_name(uri)
+        checks = {"name": (name, str), "default": (item.get("default", False), bool),
+                  "swap": (item.get("swap", "availability"), str),
+                  "warmup": (item.get("warmup", True), bool)}  # fmt: skip
+        bad = [k for k, (v, t) in checks.items() if not isinstance(v, t)]
+        for key in bad:
+            problems.append(
+                f"{where}.{key} = {checks[key][0]!r}: expected {checks[key][1].__name__}"
+            )
+        if bad:
+            continue
+        models.append(
+            ModelConfig(name, uri, item.get("default", False), item.get("swap", "availability"),
+                        item.get("warmup", True))
+        )  # fmt: skip
+    # The first -m model answers POST /invocations unless a [[models]] entry is the default.
+    first_default = not any(m.default for m in models)
+    for value in extra:
+        name, sep, uri = value.partition("=")
+        if not sep or "://" in name or name.startswith(("models:", "runs:", "file:", "/", ".")):
+            name, uri = _default_name(value), value
+        models.append(ModelConfig(name=name, uri=uri, default=first_default))
+        first_default = False
+    return models
+
+
+def _default_name(uri: str) -> str:
+    """The registered model name, else the directory name of a local model."""
+    try:
+        ref = parse_uri(uri)
+    except Exception:
+        return uri
+    if ref.name:
+        return ref.name
+    if ref.path:
+        return Path(ref.path).name
+    return uri
+
+
+def _validate(config: Config, problems: list[str]) -> None:
+    s = config.server
+    if not 0 <= s.port <= 65535:
+        problems.append(f"server.port = {s.port}: expected 0..65535")
+    for key in ("max_body_bytes", "predict_threads"):
+        if getattr(s, key) < 1:
+            problems.append(f"server.{key} = {getattr(s, key)}: expected >= 1")
+    for key in ("request_timeout_s", "drain_timeout_s"):
+        if getattr(s, key) <= 0:
+            problems.append(f"server.{key} = {getattr(s, key)}: expected > 0")
+    if s.log_level.upper() not in LOG_LEVELS:
+        problems.append(f"server.log_level = {s.log_level!r}: expected one of {LOG_LEVELS}")
+    if config.registry.poll_interval_s <= 0:
+        problems.append(f"registry.poll_interval_s = {config.registry.poll_interval_s}: "
+                        "expected > 0")  # fmt: skip
+    if config.cache.max_bytes < 0:
+        problems.append(f"cache.max_bytes = {config.cache.max_bytes}: expected >= 0 (0: no limit)")
+    if config.cache.verify not in VERIFY_MODES:
+        problems.append(f"cache.verify = {config.cache.verify!r}: expected one of {VERIFY_MODES}")
+    d = config.dependencies
+    if d.policy not in POLICIES:
+        problems.append(f"dependencies.policy = {d.policy!r}: expected one of {POLICIES}")
+    if d.match not in MATCHES:
+        problems.append(f"dependencies.match = {d.match!r}: expected one of {MATCHES}")
+    seen: set[str] = set()
+    for i, m in enumerate(config.models):
+        where = f"models[{i}] ({m.name})"
+        try:
+            parse_uri(m.uri)
+        except Exception as exc:
+            problems.append(f"{where}.uri: {exc}")
+        if not m.name or "/" in m.name or m.name.strip() != m.name:
+            problems.append(f"{where}.name = {m.name!r}: expected a route name without '/'")
+        if m.name in seen:
+            problems.append(f"{where}.name = {m.name!r}: used by two models; names must differ")
+        seen.add(m.name)
+        if m.swap not in SWAP_POLICIES:
+            problems.append(f"{where}.swap = {m.swap!r}: expected one of {SWAP_POLICIES}")
+    if sum(m.default for m in config.models) > 1:
+        problems.append("models: more than one model has default = true")

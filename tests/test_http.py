@@ -1,0 +1,235 @@
+"""The daemon over real HTTP (aiohttp test server) against the real test registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import loader
+from serving.app import create_app
+from serving.config import load_config
+from tests.helpers import IRIS_COLUMNS, iris_frame
+
+
+def make_config(registry, cache_dir, *models, **overrides):
+    return load_config(
+        env={},
+        overrides={
+            "registry.tracking_uri": registry.uri,
+            "registry.registry_uri": registry.uri,
+            "cache.dir": str(cache_dir),
+            **{k.replace("__", "."): v for k, v in overrides.items()},
+        },
+        extra_models=list(models),
+    )
+
+
+async def start(aiohttp_client, config):
+    client = await aiohttp_client(create_app(config))
+    for _ in range(600):
+        resp = await client.get("/health")
+        if resp.status == 200:
+            return client
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never healthy: {await resp.text()}")
+
+
+@pytest.fixture
+async def iris(aiohttp_client, registry, cache_dir):
+    config = make_config(
+        registry, cache_dir, "models:/iris/Production", "real=" + str(registry.models["iris"])
+    )
+    return await start(aiohttp_client, config)
+
+
+def split_payload(frame: pd.DataFrame) -> dict:
+    return {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+
+
+async def test_every_input_format_matches_in_process_predict(iris, registry):
+    frame = iris_frame(5)
+    expected = loader.load_model(str(registry.models["iris"])).predict(frame).tolist()
+    records = frame.to_dict(orient="records")
+    bodies = [
+        split_payload(frame),
+        {"dataframe_records": records},
+        {"instances": records},
+        {"inputs": {c: frame[c].tolist() for c in frame.columns}},
+        {"inputs": records, "params": {}},
+    ]
+    for body in bodies:
+        resp = await iris.post("/models/real/invocations", json=body)
+        assert resp.status == 200, (body, await resp.text())
+        assert (await resp.json()) == {"predictions": expected}, body
+    resp = await iris.post(
+        "/models/real/invocations",
+        data=frame.to_csv(index=False),
+        headers={"Content-Type": "text/csv; charset=UTF-8"},
+    )
+    assert resp.status == 200
+    assert (await resp.json()) == {"predictions": expected}
+
+
+async def test_default_route_and_version_headers(iris):
+    resp = await iris.post("/invocations", json=split_payload(iris_frame(3)))
+    assert resp.status == 200
+    assert (await resp.json()) == {"predictions": [2, 2, 2]}  # iris v2 answers 2
+    assert resp.headers["X-Model-Name"] == "iris"
+    assert resp.headers["X-Model-Version"] == "2"
+    assert resp.headers["X-Model-Route"] == "iris"
+
+
+async def test_probes_version_and_model_listing(iris):
+    for method in ("GET", "HEAD"):
+        resp = await iris.request(method, "/ping")
+        assert resp.status == 200
+    assert (await iris.get("/health")).status == 200
+    import mlflow.version
+
+    assert await (await iris.get("/version")).text() == mlflow.version.VERSION
+    listing = await (await iris.get("/models")).json()
+    names = {m["name"]: m for m in listing["models"]}
+    assert set(names) == {"iris", "real"}
+    iris_status = names["iris"]
+    assert iris_status["version"] == 2 and iris_status["stage"] == "Production"
+    assert iris_status["state"] == "loaded" and iris_status["dependency_report"]["ok"]
+    for key in ("ref", "aliases", "run_id", "source", "loaded_at", "cache_path"):
+        assert key in iris_status
+    one = await (await iris.get("/models/iris")).json()
+    assert one["name"] == "iris"
+    missing = await iris.get("/models/nope")
+    assert missing.status == 404
+    body = await missing.json()
+    assert "iris" in body["message"] and "real" in body["message"]
+
+
+async def test_nan_and_infinity_are_valid_json(aiohttp_client, registry, cache_dir, tmp_path):
+    import mlflow.pyfunc
+
+    class Odd(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return np.array([np.nan, np.inf, -np.inf, 1.5])[: len(model_input)]
+
+    path = tmp_path / "odd"
+    mlflow.pyfunc.save_model(str(path), python_model=Odd(), pip_requirements=[])
+    client = await start(aiohttp_client, make_config(registry, cache_dir, f"odd={path}"))
+    resp = await client.post("/invocations", json={"inputs": [[1], [2], [3], [4]]})
+    assert resp.status == 200
+    assert json.loads(await resp.text()) == {"predictions": [None, None, None, 1.5]}
+
+
+BAD_INPUTS = [
+    # (description, path, body bytes, content type or None, expected status)
+    ("malformed json", "/invocations", b'{"dataframe_split": ', "application/json", 400),
+    ("json list", "/invocations", b"[1, 2]", "application/json", 400),
+    ("json string", "/invocations", b'"x"', "application/json", 400),
+    ("json number", "/invocations", b"3", "application/json", 400),
+    ("json null", "/invocations", b"null", "application/json", 400),
+    ("empty body", "/invocations", b"", "application/json", 400),
+    ("whitespace body", "/invocations", b"   \n", "application/json", 400),
+    ("no format key", "/invocations", b'{"data": [[1,2,3,4]]}', "application/json", 400),
+    ("two format keys", "/invocations",
+     b'{"inputs": [[1,2,3,4]], "instances": [[1,2,3,4]]}', "application/json", 400),
+    ("params not object", "/invocations", b'{"inputs": [[1,2,3,4]], "params": [1]}',
+     "application/json", 400),
+    ("missing columns", "/invocations",
+     b'{"dataframe_split": {"columns": ["sepal length (cm)"], "data": [[1.0]]}}',
+     "application/json", 400),
+    ("wrong types", "/invocations", json.dumps({"dataframe_records": [
+        dict.fromkeys(IRIS_COLUMNS, "abc")]}).encode(), "application/json", 400),
+    ("split without data", "/invocations", b'{"dataframe_split": {"columns": ["a"]}}',
+     "application/json", 400),
+    ("records not a list", "/invocations", b'{"dataframe_records": 5}', "application/json", 400),
+    ("ragged instances", "/invocations", b'{"instances": [[1,2],[1,2,3]]}',
+     "application/json", 400),
+    ("deep nesting", "/invocations", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "application/json", 400),
+    ("invalid utf-8 json", "/invocations", b'{"inputs": "\xff\xfe"}', "application/json", 400),
+    ("invalid utf-8 csv", "/invocations", b"a,b\n\xff,\xfe\n", "text/csv", 400),
+    ("empty csv", "/invocations", b"", "text/csv", 400),
+    ("csv wrong columns", "/invocations", b"x,y\n1,2\n", "text/csv", 400),
+    ("csv garbage", "/invocations", b'"unterminated\n1,2', "text/csv", 400),
+    ("no content type", "/invocations", b'{"inputs": [[1,2,3,4]]}', None, 415),
+    ("text/plain", "/invocations", b"hello", "text/plain", 415),
+    ("form", "/invocations", b"a=1", "application/x-www-form-urlencoded", 415),
+    ("bad charset", "/invocations", b"{}", "application/json; charset=latin-1", 415),
+    ("old protocol param", "/invocations", b"{}", "application/json; format=pandas-split", 415),
+    ("malformed content type", "/invocations", b"{}", "json", 415),
+    ("unknown model", "/models/nope/invocations", b'{"inputs": [[1,2,3,4]]}',
+     "application/json", 404),
+    ("traversal model name", "/models/..%2F..%2Fetc/invocations", b"{}", "application/json", 404),
+    ("unknown path", "/no/such/path", b"{}", "application/json", 404),
+    ("GET invocations", "/invocations", None, None, 405),
+    ("oversized body", "/invocations", b'{"inputs": "' + b"x" * 3_000_000 + b'"}',
+     "application/json", 413),
+    ("nan literal", "/invocations", b'{"inputs": [[NaN, 1, 2, 3]]}', "application/json", 400),
+    ("huge number", "/invocations", b'{"inputs": [[1e999999, 1, 2, 3]]}', "application/json", 400),
+]  # fmt: skip
+
+
+async def test_bad_inputs_get_4xx_json_and_server_keeps_serving(
+    aiohttp_client, registry, cache_dir
+):
+    config = make_config(
+        registry, cache_dir, "models:/iris/Production", server__max_body_bytes=2_000_000
+    )
+    client = await start(aiohttp_client, config)
+    good = split_payload(iris_frame(1))
+    for description, path, body, ctype, status in BAD_INPUTS:
+        headers = {"Content-Type": ctype} if ctype else {}
+        if body is None:
+            resp = await client.get(path)
+        else:
+            resp = await client.post(path, data=body, headers=headers,
+                                     skip_auto_headers=["Content-Type"])  # fmt: skip
+        text = await resp.text()
+        assert resp.status == status, (description, resp.status, text[:300])
+        payload = json.loads(text)
+        assert set(payload) == {"error_code", "message"}, (description, payload)
+        assert payload["message"], description
+        assert len(text) < 2000, (description, len(text))  # never echoes the request
+        after = await client.post("/invocations", json=good)
+        assert after.status == 200, (description, await after.text())
+    assert len(BAD_INPUTS) >= 30
+
+
+async def test_request_timeout_is_504(aiohttp_client, registry, cache_dir, tmp_path):
+    import mlflow.pyfunc
+
+    class Slow(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            import time
+
+            time.sleep(float(np.asarray(model_input).ravel()[0]))
+            return [1] * len(model_input)
+
+    path = tmp_path / "slow"
+    mlflow.pyfunc.save_model(str(path), python_model=Slow(), pip_requirements=[])
+    config = make_config(registry, cache_dir, f"slow={path}", server__request_timeout_s=0.5)
+    client = await start(aiohttp_client, config)
+    resp = await client.post("/invocations", json={"inputs": [[2.0]]})
+    assert resp.status == 504
+    assert (await resp.json())["error_code"] == "DEADLINE_EXCEEDED"
+    ok = await client.post("/invocations", json={"inputs": [[0.0]]})
+    assert ok.status == 200
+
+
+async def test_health_is_503_until_models_load(aiohttp_client, registry, cache_dir):
+    config = make_config(
+        registry, cache_dir, "models:/iris/Production", "nobody=models:/iris@nobody"
+    )
+    client = await aiohttp_client(create_app(config))
+    for _ in range(200):
+        resp = await client.get("/health")
+        body = await resp.json()
+        pending = body.get("not_ready")
+        if isinstance(pending, dict) and "loading" not in pending.values():
+            break
+        await asyncio.sleep(0.05)
+    assert resp.status == 503
+    assert "iris" not in body["not_ready"] and "nobody" in body["not_ready"]["nobody"]
+    assert (await client.post("/models/nobody/invocations", json={})).status == 503
