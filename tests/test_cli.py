@@ -1,0 +1,158 @@
+"""`modeld` as users run it: a subprocess on a free port, config errors, SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, iris_frame, wait_http
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def modeld(*args, env=None, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "serving", *args],
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, **kwargs,
+    )  # fmt: skip
+
+
+def post(url, body, timeout=30):
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return resp.status, json.loads(resp.read()), dict(resp.headers)
+
+
+@pytest.fixture
+def slow_model(tmp_path):
+    import mlflow.pyfunc
+    import numpy as np  # noqa: F401
+
+    class Slow(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            import time
+
+            import numpy as np
+
+            time.sleep(float(np.asarray(model_input).ravel()[0]))
+            return [7] * len(model_input)
+
+    path = tmp_path / "slow"
+    mlflow.pyfunc.save_model(str(path), python_model=Slow(), pip_requirements=[])
+    return path
+
+
+def test_serve_subprocess_answers_and_drains_on_sigterm(registry, tmp_path, slow_model):
+    port = free_port()
+    proc = modeld(
+        "serve", "-m", "models:/iris/Production", "-m", f"slow={slow_model}",
+        "--port", str(port), "--cache-dir", str(tmp_path / "cache"),
+        env={"MLFLOW_TRACKING_URI": registry.uri},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/health", timeout_s=120, proc=proc)
+        frame = iris_frame(2)
+        body = {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+        status, payload, headers = post(f"{base}/invocations", body)
+        assert status == 200 and payload == {"predictions": [2, 2]}
+        assert headers["X-Model-Version"] == "2"
+
+        result = {}
+
+        def slow_call():
+            result["answer"] = post(f"{base}/models/slow/invocations", {"inputs": [[2.0]]})
+
+        caller = threading.Thread(target=slow_call)
+        caller.start()
+        import time
+
+        time.sleep(0.7)  # the slow request is in flight
+        proc.send_signal(signal.SIGTERM)
+        caller.join(timeout=30)
+        assert result["answer"][0] == 200 and result["answer"][1] == {"predictions": [7]}
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_bad_config_exits_2_listing_every_problem(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        """
+[server]
+port = "eighty"
+predict_threads = 0
+colour = "blue"
+
+[dependencies]
+policy = "fail"
+
+[[models]]
+name = "a"
+uri = "models:/iris/Prod"
+
+[[models]]
+name = "a"
+uri = "models:/iris/1"
+swap = "sometimes"
+"""
+    )
+    proc = modeld("serve", "--config", str(config))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    for needle in (
+        "server.port = 'eighty'",
+        "server.predict_threads = 0",
+        "server.colour: unknown key",
+        "dependencies.policy = 'fail'",
+        "unknown stage 'Prod'",
+        "used by two models",
+        "swap = 'sometimes'",
+    ):
+        assert needle in err, (needle, err)
+    check = modeld("check-config", str(config))
+    _, err2 = check.communicate(timeout=60)
+    assert check.returncode == 2 and "server.colour" in err2
+
+
+def test_env_overrides_and_check_config_ok(tmp_path):
+    from serving.config import load_config
+
+    config = tmp_path / "ok.toml"
+    config.write_text('[server]\nport = 9000\n\n[[models]]\nuri = "models:/iris@champion"\n')
+    loaded = load_config(
+        config, env={"MODELD_SERVER__PORT": "9100", "MODELD_DEPENDENCIES__IGNORE": "pytest, pip"}
+    )
+    assert loaded.server.port == 9100
+    assert loaded.dependencies.ignore == ("pytest", "pip")
+    assert loaded.models[0].name == "iris" and loaded.default_model == "iris"
+    proc = modeld("check-config", str(config))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "ok" in out
+
+
+def test_no_model_is_a_usage_error():
+    proc = modeld("serve")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "no model to serve" in err
+
+
+def test_example_config_is_valid():
+    from serving.config import load_config
+
+    config = load_config(ROOT / "config.example.toml", env={})
+    assert config.models
