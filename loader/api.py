@@ -36,6 +36,7 @@ def make_source(
     dependency_ignore: tuple[str, ...] | list[str] = (),
     verify: Verify = "size",
     max_cache_bytes: int | None = None,
+    snapshots: bool = True,
 ) -> ModelSource:
     """Build the shared pipeline (registry client + cache + policy) from plain options.
 
@@ -51,7 +52,9 @@ def make_source(
     cache = ModelCache(
         Path(cache_dir) if cache_dir else default_cache_dir(), max_bytes=max_cache_bytes
     )
-    return ModelSource(Registry(client), cache, dependency_policy=policy, verify=verify)
+    return ModelSource(
+        Registry(client), cache, dependency_policy=policy, verify=verify, snapshots=snapshots
+    )
 
 
 def load_model(

@@ -43,6 +43,8 @@ VERIFY_MODES = ("size", "full", "none")
 LOCK_TIMEOUT_S = 600.0
 _LOCK_POLL_S = 0.05
 _HASH_CHUNK = 1 << 20
+#: A pickle of the loaded pyfunc model, written by modeld itself after a successful load.
+SNAPSHOT_FILE = ".modeld-snapshot.pkl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +218,48 @@ class ModelCache:
         what = "metadata of " if meta else ""
         log.info("cached %s%s (%d files, %d bytes)", what, version.label, len(files), total)
         return CacheEntry(key=key, path=final, bytes=total, downloaded=True)
+
+    # -- load snapshots -----------------------------------------------------------------------
+
+    def read_snapshot(self, key: str, fingerprint: str) -> bytes | None:
+        """The pickled loaded model saved for ``key``, if made in the same environment.
+
+        Verified against the sha256 recorded in the index; anything else is ignored.
+        """
+        record = self._index.get(_ikey(key, False))
+        snap = record.get("snapshot") if record else None
+        if not snap or snap["fingerprint"] != fingerprint:
+            return None
+        try:
+            data = (self.path(key) / SNAPSHOT_FILE).read_bytes()
+        except OSError:
+            return None
+        if len(data) != snap["size"] or hashlib.sha256(data).hexdigest() != snap["sha256"]:
+            log.warning("load snapshot of %s does not match the index: ignoring it", key)
+            return None
+        return data
+
+    def write_snapshot(self, key: str, fingerprint: str, data: bytes) -> None:
+        """Save a pickled loaded model beside the entry (atomically), for fast later loads."""
+        path = self.path(key)
+        tmp = path / f".{SNAPSHOT_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path / SNAPSHOT_FILE)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("could not save a load snapshot of %s: %s", key, exc)
+            return
+        with self._index.transact():
+            record = self._index.get(_ikey(key, False))
+            if record is None:
+                return
+            record["snapshot"] = {
+                "fingerprint": fingerprint,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+            }
+            self._index.set(_ikey(key, False), record)
 
     # -- locks, leases, pins ------------------------------------------------------------------
 

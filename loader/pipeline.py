@@ -8,6 +8,7 @@ all go through it.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from loader.cache import CacheEntry, ModelCache, Verify
-from loader.deps import DependencyPolicy, DependencyReport, check_model_dir
+from loader.deps import (
+    DependencyPolicy,
+    DependencyReport,
+    check_model_dir,
+    environment_fingerprint,
+)
 from loader.errors import LoaderError, RegistryUnavailable
 from loader.pyfunc import PyFuncLoader
 from loader.registry import METADATA_FILES, ModelVersion, Registry
@@ -70,7 +76,9 @@ class ModelSource:
         *,
         dependency_policy: DependencyPolicy | None = None,
         verify: Verify = "size",
+        snapshots: bool = True,
     ) -> None:
+        self.snapshots = snapshots
         self.registry = registry
         self.cache = cache
         self.policy = dependency_policy or DependencyPolicy()
@@ -172,7 +180,7 @@ class ModelSource:
             ModelLoadError: mlflow could not load it.
         """
         started = time.perf_counter()
-        model = PyFuncLoader(prepared.path).load()
+        model, how = self._load_fast(prepared)
         version = prepared.version
         model.modeld = ModelInfo(
             uri=uri,
@@ -186,9 +194,32 @@ class ModelSource:
             model_version=version,
         )
         log.info(
-            "loaded %s in %.2fs from %s",
+            "loaded %s in %.3fs from %s%s",
             version.label,
             time.perf_counter() - started,
             prepared.path,
+            " (snapshot)" if how == "snapshot" else "",
         )
         return model
+
+    def _load_fast(self, prepared: Prepared) -> tuple[Any, str]:
+        """Load from the cache's snapshot when one exists for this environment, else with
+        mlflow.pyfunc (then save a snapshot: a pickle load is 10-40x faster than skops)."""
+        key = prepared.cache_key
+        if key is None or not self.snapshots:
+            return PyFuncLoader(prepared.path).load(), "mlflow"
+        fingerprint = environment_fingerprint(prepared.path)
+        data = self.cache.read_snapshot(key, fingerprint)
+        if data is not None:
+            try:
+                return pickle.loads(data), "snapshot"
+            except Exception as exc:  # stale class paths and the like: fall back, rewrite
+                log.warning("load snapshot of %s unusable (%s): loading normally", key, exc)
+        model = PyFuncLoader(prepared.path).load()
+        try:
+            data = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # not every model pickles (open sessions, locks...)
+            log.debug("no load snapshot for %s: %s", key, exc)
+        else:
+            self.cache.write_snapshot(key, fingerprint, data)
+        return model, "mlflow"

@@ -27,7 +27,8 @@ class PyFuncLoader:
         import mlflow.pyfunc
 
         try:
-            return mlflow.pyfunc.load_model(str(self.path))
+            # modeld runs its own dependency check (loader.deps); MLflow's would repeat it.
+            return mlflow.pyfunc.load_model(str(self.path), suppress_warnings=True)
         except Exception as exc:
             raise ModelLoadError(
                 f"mlflow.pyfunc.load_model failed for {str(self.path)!r}: "

@@ -68,6 +68,7 @@ class Daemon:
             dependency_ignore=c.dependencies.ignore,
             verify=c.cache.verify,  # type: ignore[arg-type]
             max_cache_bytes=c.cache.max_bytes or None,
+            snapshots=c.cache.snapshots,
         )
         manager = ModelManager(source)
         for model in c.models:

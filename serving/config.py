@@ -53,6 +53,7 @@ class CacheConfig:
     dir: str = ""
     max_bytes: int = 0
     verify: str = "size"
+    snapshots: bool = True
 
 
 @dataclass(frozen=True)

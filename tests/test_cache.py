@@ -135,3 +135,34 @@ def test_download_without_mlmodel_is_refused_and_leaves_nothing(source):
         source.cache.fetch(odd, lambda dst: (dst / "x.txt").write_text("x"))
     assert source.cache.lookup(ModelCache.key(odd)) is None
     assert not any((source.cache.root / "tmp").iterdir())
+
+
+def test_load_snapshot_is_used_verified_and_bound_to_the_environment(source, caplog):
+    import logging
+
+    from loader.cache import SNAPSHOT_FILE
+    from tests.helpers import iris_frame
+
+    caplog.set_level(logging.INFO, logger="loader")
+    version = version_of(source, "models:/iris/2")
+    prepared = source.prepare(version)
+    first = source.load(prepared, uri="models:/iris/2")
+    assert (prepared.path / SNAPSHOT_FILE).is_file()
+    caplog.clear()
+    second = source.load(prepared, uri="models:/iris/2")
+    assert "(snapshot)" in caplog.text
+    assert second is not first
+    frame = iris_frame(4)
+    assert list(second.predict(frame)) == list(first.predict(frame))
+    # Another environment (fingerprint) never reads it.
+    assert source.cache.read_snapshot(prepared.cache_key, "other-env") is None
+    # A tampered snapshot is ignored, the model loads normally and the snapshot is rewritten.
+    snap = prepared.path / SNAPSHOT_FILE
+    snap.write_bytes(snap.read_bytes()[:-1] + b"\x00")
+    caplog.clear()
+    third = source.load(prepared, uri="models:/iris/2")
+    assert "does not match" in caplog.text and "(snapshot)" not in caplog.text
+    assert list(third.predict(frame)) == list(first.predict(frame))
+    caplog.clear()
+    source.load(prepared, uri="models:/iris/2")
+    assert "(snapshot)" in caplog.text

@@ -43,8 +43,6 @@ def slow_model(tmp_path):
         def predict(self, context, model_input, params=None):
             import time
 
-            import numpy as np
-
             time.sleep(float(np.asarray(model_input).ravel()[0]))
             return [7] * len(model_input)
 
