@@ -46,8 +46,11 @@ def wait_http(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None 
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     fh = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return subprocess.Popen(
-        cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        cmd, stdout=fh, stderr=subprocess.STDOUT,
+        env={**os.environ, "PATH": path, **(env or {})},
         start_new_session=True,
     )  # fmt: skip
 

@@ -1,7 +1,8 @@
 """The aiohttp application: ``create_app(config)`` wires the pipeline to HTTP.
 
-One :class:`Daemon` per app (no globals) holds the two bounded executors (*load*: MLflow calls,
-downloads, ``load_model``; *predict*: parse + predict + encode), the shared
+One :class:`Daemon` per app (no globals) holds the bounded *load* executor (MLflow calls,
+downloads, ``load_model``), one predict worker thread per route (decode, batch, predict,
+encode: :mod:`serving.batching`), the shared
 :class:`~loader.pipeline.ModelSource` and the :class:`~loader.manager.ModelManager`. Each
 resource starts in a ``cleanup_ctx`` and is stopped after its ``yield``.
 """
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from loader.manager import ModelManager
+from serving.batching import RouteWorker
 from serving.config import Config
 from serving.errors import error_middleware
 
@@ -32,9 +34,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="modeld-load")
-        self.predict_pool = ThreadPoolExecutor(
-            config.server.predict_threads, thread_name_prefix="modeld-predict"
-        )
+        self.workers: dict[str, RouteWorker] = {}
         self.manager: ModelManager | None = None
         self.started = asyncio.Event()
         self.start_error: str | None = None
@@ -79,6 +79,19 @@ class Daemon:
         if self.manager is not None:
             await self.in_load_pool(lambda: self.manager.refresh(names, force=force))
 
+    def worker(self, route: str) -> RouteWorker:
+        """The predict worker of ``route`` (created on first use, on the loop thread)."""
+        worker = self.workers.get(route)
+        if worker is None:
+            server = self.config.server
+            worker = RouteWorker(
+                route,
+                max_batch_size=server.max_batch_size,
+                max_batch_delay_s=server.max_batch_delay_ms / 1000,
+            )
+            self.workers[route] = worker
+        return worker
+
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -91,7 +104,9 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.manager is not None:
             await self.in_load_pool(self.manager.close)
-        self.predict_pool.shutdown(wait=True, cancel_futures=True)
+        workers, self.workers = list(self.workers.values()), {}
+        for worker in workers:
+            await self.in_load_pool(worker.close)
         self.load_pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -37,7 +37,8 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
-    predict_threads: int = 4
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 0.0
     log_level: str = "INFO"
 
 
@@ -266,12 +267,14 @@ def _validate(config: Config, problems: list[str]) -> None:
     s = config.server
     if not 0 <= s.port <= 65535:
         problems.append(f"server.port = {s.port}: expected 0..65535")
-    for key in ("max_body_bytes", "predict_threads"):
+    for key in ("max_body_bytes", "max_batch_size"):
         if getattr(s, key) < 1:
             problems.append(f"server.{key} = {getattr(s, key)}: expected >= 1")
     for key in ("request_timeout_s", "drain_timeout_s"):
         if getattr(s, key) <= 0:
             problems.append(f"server.{key} = {getattr(s, key)}: expected > 0")
+    if s.max_batch_delay_ms < 0:
+        problems.append(f"server.max_batch_delay_ms = {s.max_batch_delay_ms}: expected >= 0")
     if s.log_level.upper() not in LOG_LEVELS:
         problems.append(f"server.log_level = {s.log_level!r}: expected one of {LOG_LEVELS}")
     if config.registry.poll_interval_s <= 0:

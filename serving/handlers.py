@@ -88,8 +88,7 @@ async def _invoke(request: web.Request, daemon: Daemon, name: str) -> web.Respon
     handle = _handle(daemon, name)  # one handle for the whole request, whatever swaps meanwhile
     mime = protocol.check_content_type(request.headers.get("Content-Type"))
     body = await request.read()
-    loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(daemon.predict_pool, _predict, handle, body, mime)
+    work = daemon.worker(name).submit(handle, body, mime)
     payload = await asyncio.wait_for(work, daemon.config.server.request_timeout_s)
     response = web.Response(body=payload, content_type=protocol.JSON)
     response.headers[HEADER_ROUTE] = name
@@ -98,11 +97,6 @@ async def _invoke(request: web.Request, daemon: Daemon, name: str) -> web.Respon
     if handle.stale:
         response.headers[HEADER_STALE] = "true"
     return response
-
-
-def _predict(handle: ModelHandle, body: bytes, mime: str) -> bytes:
-    data, params, unwrapped = protocol.decode(body, mime, handle.model)
-    return protocol.encode(protocol.predict(handle.model, data, params), unwrapped=unwrapped)
 
 
 def _handle(daemon: Daemon, name: str) -> ModelHandle:

@@ -7,8 +7,11 @@ Parsing and schema handling reuse MLflow's own scoring-server functions so behav
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -21,6 +24,31 @@ PARQUET = "application/vnd.apache.parquet"
 CONTENT_TYPES = (JSON, CSV, PARQUET)
 FORMAT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 MAX_MESSAGE_CHARS = 1000
+
+
+class ModelMemo:
+    """Facts about a loaded model, kept as long as the model lives.
+
+    (PyFuncModel is unhashable, so a WeakKeyDictionary cannot hold it: key by identity and let a
+    weak reference's callback drop the entry.)
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[int, tuple[weakref.ref[Any], Any]] = {}
+
+    def get(self, model: Any, default: Any = None) -> Any:
+        entry = self._data.get(id(model))
+        return entry[1] if entry is not None and entry[0]() is model else default
+
+    def set(self, model: Any, value: Any) -> None:
+        key = id(model)
+        self._data[key] = (weakref.ref(model, lambda _: self._data.pop(key, None)), value)
+
+
+_MISSING = object()
+#: Per-model answer of _uniform_numeric_dtype (its signature does not change once loaded).
+_DTYPES = ModelMemo()
+_DIRECT = ModelMemo()
 
 
 class ProtocolError(Exception):
@@ -119,11 +147,23 @@ def check_content_type(header: str | None) -> str:
     return mime
 
 
-def decode(body: bytes, mime: str, model: Any) -> tuple[Any, dict[str, Any] | None, bool]:
-    """Turn a request body into ``(data, params, unwrapped)`` for ``model.predict``.
+@dataclass(slots=True)
+class Decoded:
+    """A request ready for ``model.predict``.
 
-    ``unwrapped`` is True for MLflow's unified LLM input, whose answer is not wrapped in
-    ``{"predictions": ...}``.
+    ``unwrapped``: MLflow's unified LLM input, whose answer is not wrapped in
+    ``{"predictions": ...}``. ``conformant``: built by the fast path, so it already has exactly
+    the signature's columns, order and dtype (MLflow's schema enforcement would change nothing).
+    """
+
+    data: Any
+    params: dict[str, Any] | None = None
+    unwrapped: bool = False
+    conformant: bool = False
+
+
+def decode(body: bytes, mime: str, model: Any) -> Decoded:
+    """Turn a request body into a :class:`Decoded` request for ``model.predict``.
 
     Raises:
         ProtocolError: 400 with MLflow's error code when the body is not a valid request.
@@ -137,17 +177,17 @@ def decode(body: bytes, mime: str, model: Any) -> tuple[Any, dict[str, Any] | No
 
             if not body.strip():
                 raise ProtocolError(400, "BAD_REQUEST", "empty CSV body: send a header row")
-            return parse_csv_input(io.StringIO(_utf8(body)), schema=schema), None, False
+            return Decoded(parse_csv_input(io.StringIO(_utf8(body)), schema=schema))
         if mime == PARQUET:
             from mlflow.pyfunc.scoring_server import parse_parquet_input
 
-            return parse_parquet_input(io.BytesIO(body)), None, False
+            return Decoded(parse_parquet_input(io.BytesIO(body)))
         return _decode_json(body, model, schema)
     except MlflowException as exc:
         raise ProtocolError(400, _code(exc), _first_part(exc.message)) from exc
 
 
-def _decode_json(body: bytes, model: Any, schema: Any) -> tuple[Any, Any, bool]:
+def _decode_json(body: bytes, model: Any, schema: Any) -> Decoded:
     from mlflow.pyfunc.scoring_server import _parse_json_data
 
     if not body.strip():
@@ -173,12 +213,69 @@ def _decode_json(body: bytes, model: Any, schema: Any) -> tuple[Any, Any, bool]:
         raise ProtocolError(
             400, "BAD_REQUEST", _required_format(f"received several: {', '.join(present)}")
         )
+    fast = _numeric_split_frame(document, schema, model)
+    if fast is not None:
+        return Decoded(fast, params, conformant=True)
     parsed = _parse_json_data(document, model.metadata, schema)
-    return parsed.data, parsed.params, parsed.is_unified_llm_input
+    return Decoded(parsed.data, parsed.params, parsed.is_unified_llm_input)
 
 
-def predict(model: Any, data: Any, params: dict[str, Any] | None) -> Any:
+def _numeric_split_frame(document: dict[str, Any], schema: Any, model: Any) -> Any:
+    """The common case built directly: ``dataframe_split`` whose columns are exactly the
+    model's all-double (or all-float) signature, every cell a JSON number.
+
+    Gives the same DataFrame MLflow's parser builds (same columns, dtypes and RangeIndex) in a
+    tenth of the time; anything else returns None and takes MLflow's own path.
+    """
+    split = document.get("dataframe_split")
+    if not isinstance(split, dict) or schema is None or "index" in split:
+        return None
+    if set(split) - {"columns", "data"} or "params" in document and len(document) > 2:
+        return None
+    dtype = _uniform_numeric_dtype(schema, model)
+    columns, rows = split.get("columns"), split.get("data")
+    if dtype is None or columns != schema.input_names() or not isinstance(rows, list) or not rows:
+        return None
+    width = len(columns)
+    for row in rows:
+        if type(row) is not list or len(row) != width:
+            return None
+        for cell in row:
+            if type(cell) is not float and type(cell) is not int:
+                return None
+    import numpy as np
+    import pandas as pd
+
+    return pd.DataFrame(np.array(rows, dtype=dtype), columns=columns)
+
+
+def _uniform_numeric_dtype(schema: Any, model: Any) -> Any:
+    """numpy dtype when every input column is a required double (or float), else None."""
+    cached = _DTYPES.get(model, _MISSING)
+    if cached is not _MISSING:
+        return cached
+    dtype = None
+    try:
+        if not schema.is_tensor_spec() and schema.has_input_names():
+            types = {getattr(spec.type, "name", None) for spec in schema.inputs}
+            required = all(getattr(spec, "required", True) for spec in schema.inputs)
+            if required and types in ({"double"}, {"float"}):
+                dtype = schema.numpy_types()[0]
+    except Exception:
+        dtype = None
+    with contextlib.suppress(TypeError):  # models that refuse weak references: not cached
+        _DTYPES.set(model, dtype)
+    return dtype
+
+
+def predict(
+    model: Any, data: Any, params: dict[str, Any] | None, *, conformant: bool = False
+) -> Any:
     """``model.predict`` with MLflow's error semantics (bad input -> 400).
+
+    A ``conformant`` frame for a scikit-learn model without params goes straight to the
+    model's predict function: MLflow's schema enforcement would return the same frame, and it
+    costs a third of the request (DESIGN.md: ~0.4 ms of ~1.1 ms).
 
     Raises:
         ProtocolError: the model refused the input (schema) or raised.
@@ -186,6 +283,9 @@ def predict(model: Any, data: Any, params: dict[str, Any] | None) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
+        direct = _direct_predict(model) if conformant and not params else None
+        if direct is not None:
+            return direct(data)
         return model.predict(data, params=params) if params else model.predict(data)
     except MlflowException as exc:
         raise ProtocolError(_status(exc), _code(exc), _first_part(exc.message)) from exc
@@ -198,6 +298,24 @@ def predict(model: Any, data: Any, params: dict[str, Any] | None) -> Any:
             f"input is compatible with the model for inference. Error: {type(exc).__name__}: "
             f"{bound(str(exc), 300)}",
         ) from exc
+
+
+def _direct_predict(model: Any) -> Any:
+    """The scikit-learn flavor's predict function behind a PyFuncModel, else None."""
+    cached = _DIRECT.get(model, _MISSING)
+    if cached is not _MISSING:
+        return cached
+    fn = None
+    if getattr(model, "loader_module", None) == "mlflow.sklearn":
+        metadata = model.metadata
+        if (
+            not metadata._is_signature_from_type_hint()
+            and not metadata._is_type_hint_from_example()
+        ):
+            fn = getattr(model, "_predict_fn", None)
+    with contextlib.suppress(TypeError):
+        _DIRECT.set(model, fn)
+    return fn
 
 
 def encode(predictions: Any, *, unwrapped: bool = False) -> bytes:

@@ -93,7 +93,7 @@ def test_bad_config_exits_2_listing_every_problem(tmp_path):
         """
 [server]
 port = "eighty"
-predict_threads = 0
+max_batch_size = 0
 colour = "blue"
 
 [dependencies]
@@ -114,7 +114,7 @@ swap = "sometimes"
     assert proc.returncode == 2
     for needle in (
         "server.port = 'eighty'",
-        "server.predict_threads = 0",
+        "server.max_batch_size = 0",
         "server.colour: unknown key",
         "dependencies.policy = 'fail'",
         "unknown stage 'Prod'",

@@ -1,0 +1,250 @@
+"""Adaptive batching: one worker thread per route decodes, batches, predicts and encodes.
+
+While a model is busy, requests that arrive for it queue up; the next ``predict`` runs on all of
+them concatenated (same columns and dtypes, identical ``params``) and each request gets exactly
+its own rows back. An idle server adds no delay: a lone request is predicted at once, unless
+``max_batch_delay_ms`` asks to wait for company. Each request is decoded (validated) on its own
+before it joins a batch, and a batch that fails is re-run one request at a time, so bad input in
+one request never fails the others. One predict per model at a time: concurrent ``predict``
+calls on one model only fight (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from loader.manager import ModelHandle
+from serving import protocol
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(slots=True)
+class _Job:
+    handle: ModelHandle
+    body: bytes
+    mime: str
+    future: asyncio.Future[bytes]
+    loop: asyncio.AbstractEventLoop
+    request: protocol.Decoded | None = None
+    rows: int = 0
+    key: Any = field(default=None)
+
+
+@dataclass
+class BatchStats:
+    """Counters for status and metrics: predict calls and requests they answered."""
+
+    calls: int = 0
+    requests: int = 0
+    largest: int = 0
+
+
+class RouteWorker:
+    """The predict path of one route: a thread fed by a queue."""
+
+    def __init__(self, route: str, *, max_batch_size: int = 32, max_batch_delay_s: float = 0.0):
+        self.route = route
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_batch_delay_s = max(0.0, max_batch_delay_s)
+        self.stats = BatchStats()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._unbatchable = protocol.ModelMemo()
+        self._thread = threading.Thread(
+            target=self._run, name=f"modeld-predict-{route}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, handle: ModelHandle, body: bytes, mime: str) -> asyncio.Future[bytes]:
+        """Queue one request; the future resolves to the encoded response body."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._queue.put(_Job(handle, body, mime, future, loop))
+        return future
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish what is queued, then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+
+    # -- the worker thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            jobs = [job]
+            deadline = time.monotonic() + self.max_batch_delay_s
+            while len(jobs) < self.max_batch_size:
+                try:
+                    remaining = deadline - time.monotonic()
+                    nxt = (
+                        self._queue.get(timeout=remaining)
+                        if remaining > 0
+                        else (self._queue.get_nowait())
+                    )
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                jobs.append(nxt)
+            try:
+                self._process(jobs)
+            except BaseException as exc:  # never lose a request to a bug here
+                log.exception("%s: batch processing failed", self.route)
+                for j in jobs:
+                    _fail(j, exc)
+
+    def _process(self, jobs: list[_Job]) -> None:
+        ready = []
+        for job in jobs:
+            if job.future.cancelled():  # timed out or client gone while queued
+                continue
+            try:
+                job.request = protocol.decode(job.body, job.mime, job.handle.model)
+            except Exception as exc:
+                _fail(job, exc)
+                continue
+            job.body = b""
+            job.key = self._batch_key(job)
+            ready.append(job)
+        groups: dict[Any, list[_Job]] = {}
+        for job in ready:
+            groups.setdefault(job.key if job.key is not None else id(job), []).append(job)
+        for group in groups.values():
+            if len(group) == 1:
+                self._predict_one(group[0])
+            else:
+                self._predict_batch(group)
+
+    def _batch_key(self, job: _Job) -> Any:
+        import pandas as pd
+
+        request = job.request
+        assert request is not None
+        data = request.data
+        if (
+            not isinstance(data, pd.DataFrame)
+            or request.unwrapped
+            or self._unbatchable.get(job.handle.model)
+        ):
+            return None
+        job.rows = len(data)
+        try:
+            params = (
+                orjson.dumps(request.params, option=orjson.OPT_SORT_KEYS) if request.params else b""
+            )
+        except TypeError:
+            return None
+        return (
+            id(job.handle.model),
+            tuple(data.columns),
+            tuple(map(str, data.dtypes)),
+            params,
+            request.conformant,
+        )
+
+    def _predict_one(self, job: _Job) -> None:
+        request = job.request
+        assert request is not None
+        try:
+            result = protocol.predict(
+                job.handle.model, request.data, request.params, conformant=request.conformant
+            )
+            body = protocol.encode(result, unwrapped=request.unwrapped)
+        except Exception as exc:
+            _fail(job, exc)
+            return
+        self._count(1)
+        _succeed(job, body)
+
+    def _predict_batch(self, group: list[_Job]) -> None:
+        import pandas as pd
+
+        first = group[0].request
+        assert first is not None
+        model = group[0].handle.model
+        frame = pd.concat([j.request.data for j in group], ignore_index=True)  # type: ignore[union-attr]
+        total = len(frame)
+        try:
+            result = protocol.predict(model, frame, first.params, conformant=first.conformant)
+        except Exception:
+            for job in group:  # attribute the failure to the request(s) that cause it
+                self._predict_one(job)
+            return
+        parts = _split(result, [j.rows for j in group], total)
+        if parts is None:
+            self._unbatchable.set(model, True)
+            log.warning(
+                "%s: %s's output is not row-aligned with its input (%s for %d rows): "
+                "predicting one request at a time from now on",
+                self.route, group[0].handle.label, type(result).__name__, total,
+            )  # fmt: skip
+            for job in group:
+                self._predict_one(job)
+            return
+        self._count(len(group))
+        for job, part in zip(group, parts, strict=True):
+            try:
+                body = protocol.encode(part, unwrapped=False)
+            except Exception as exc:
+                _fail(job, exc)
+                continue
+            _succeed(job, body)
+
+    def _count(self, n: int) -> None:
+        self.stats.calls += 1
+        self.stats.requests += n
+        self.stats.largest = max(self.stats.largest, n)
+
+
+def _split(result: Any, sizes: list[int], total: int) -> list[Any] | None:
+    """Cut a batched result back into per-request parts; None when not row-aligned."""
+    try:
+        if len(result) != total:
+            return None
+    except TypeError:
+        return None
+    take: Callable[[int, int], Any]
+    if hasattr(result, "iloc"):
+        take = lambda a, b: result.iloc[a:b]  # noqa: E731
+    elif hasattr(result, "shape") or isinstance(result, list | tuple):
+        take = lambda a, b: result[a:b]  # noqa: E731
+    else:
+        return None
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(take(start, start + size))
+        start += size
+    return parts
+
+
+def _succeed(job: _Job, body: bytes) -> None:
+    job.loop.call_soon_threadsafe(_resolve, job.future, body, None)
+
+
+def _fail(job: _Job, exc: BaseException) -> None:
+    job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
+
+
+def _resolve(future: asyncio.Future[bytes], body: bytes | None, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(body)  # type: ignore[arg-type]

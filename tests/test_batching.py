@@ -1,0 +1,112 @@
+"""Adaptive batching through the real HTTP server: exact rows back, per-request failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import mlflow.pyfunc
+import pandas as pd
+import pytest
+from mlflow.models import infer_signature
+
+from serving.app import DAEMON
+from tests.test_http import make_config, start
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    """x * scale for each row, after a pause so that requests pile up behind a busy model."""
+
+    def __init__(self, aligned: bool = True):
+        self.aligned = aligned
+
+    def predict(self, context, model_input, params=None):
+        import time
+
+        if (model_input["x"] < 0).any():
+            raise ValueError("negative x")
+        time.sleep(0.2)
+        scale = (params or {}).get("scale", 1.0)
+        out = model_input["x"] * scale
+        return out if self.aligned else [float(out.sum())]
+
+
+def save_echo(path, aligned=True):
+    frame = pd.DataFrame({"x": [1.0, 2.0]})
+    signature = infer_signature(frame, frame["x"], params={"scale": 1.0})
+    mlflow.pyfunc.save_model(
+        str(path), python_model=Echo(aligned), signature=signature, pip_requirements=[]
+    )
+    return path
+
+
+@pytest.fixture
+async def echo(aiohttp_client, registry, cache_dir, tmp_path):
+    config = make_config(
+        registry, cache_dir,
+        f"echo={save_echo(tmp_path / 'echo')}",
+        f"lump={save_echo(tmp_path / 'lump', aligned=False)}",
+    )  # fmt: skip
+    return await start(aiohttp_client, config)
+
+
+def body(xs, scale=None):
+    payload = {"dataframe_split": {"columns": ["x"], "data": [[x] for x in xs]}}
+    if scale is not None:
+        payload["params"] = {"scale": scale}
+    return payload
+
+
+def values(payload):
+    """The model's output column, as MLflow renders it (records of the signature's column)."""
+    if "predictions" not in payload:
+        return payload
+    return [r["x"] if isinstance(r, dict) else r for r in payload["predictions"]]
+
+
+async def post_all(client, route, bodies):
+    async def one(b):
+        resp = await client.post(f"/models/{route}/invocations", json=b)
+        return resp.status, values(await resp.json())
+
+    first = asyncio.ensure_future(one(bodies[0]))
+    await asyncio.sleep(0.05)  # the first request occupies the model...
+    rest = await asyncio.gather(*(one(b) for b in bodies[1:]))  # ...the others queue up
+    return [await first, *rest]
+
+
+async def test_concurrent_requests_are_batched_and_get_their_own_rows(echo):
+    bodies = [body([float(i)] * (i % 3 + 1)) for i in range(1, 11)]
+    answers = await post_all(echo, "echo", bodies)
+    for i, (status, payload) in enumerate(answers, start=1):
+        assert status == 200, payload
+        assert payload == [float(i)] * (i % 3 + 1)
+    stats = echo.server.app[DAEMON].workers["echo"].stats
+    assert stats.requests == 10
+    assert stats.calls <= 3 and stats.largest >= 5, stats
+
+
+async def test_bad_request_does_not_fail_the_batch(echo):
+    bodies = [body([1.0]), body([2.0]), {"dataframe_split": {"columns": ["y"], "data": [[1]]}},
+              body([-1.0]), body([3.0])]  # fmt: skip
+    answers = await post_all(echo, "echo", bodies)
+    assert answers[0] == (200, [1.0])
+    assert answers[1] == (200, [2.0])
+    assert answers[2][0] == 400 and "x" in answers[2][1]["message"]
+    assert answers[3][0] == 400 and "negative" in answers[3][1]["message"]
+    assert answers[4] == (200, [3.0])
+
+
+async def test_different_params_are_not_mixed(echo):
+    bodies = [body([1.0]), body([1.0], scale=10.0), body([2.0], scale=10.0), body([2.0])]
+    answers = await post_all(echo, "echo", bodies)
+    assert [a[1] for a in answers] == [[1.0], [10.0], [20.0], [2.0]]
+
+
+async def test_output_not_row_aligned_falls_back_to_one_call_per_request(echo, caplog):
+    bodies = [body([1.0, 2.0]), body([3.0]), body([4.0, 5.0])]
+    answers = await post_all(echo, "lump", bodies)
+    assert [a[1] for a in answers] == [[3.0], [3.0], [9.0]]
+    assert "not row-aligned" in caplog.text
+    again = await post_all(echo, "lump", bodies)
+    assert [a[1] for a in again] == [[3.0], [3.0], [9.0]]
+    assert caplog.text.count("not row-aligned") == 1
