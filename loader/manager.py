@@ -94,6 +94,10 @@ class Route:
     swaps: int = 0
     last_swap_at: float | None = None
     lease: contextlib.ExitStack | None = None
+    #: The last failure as an exception (LiveModel re-raises it when nothing could load).
+    last_error: BaseException | None = None
+    #: Payload for the warm-up prediction instead of the model's saved input example.
+    warmup_example: dict[str, Any] | None = None
 
 
 class ModelManager:
@@ -135,6 +139,7 @@ class ModelManager:
         *,
         swap: SwapPolicy = "availability",
         warmup: bool = True,
+        warmup_example: dict[str, Any] | None = None,
     ) -> Route:
         """Follow ``uri`` under route ``name`` (nothing loads until :meth:`refresh`).
 
@@ -148,9 +153,36 @@ class ModelManager:
         with self._refresh_lock:
             if name in self._routes:
                 raise ConfigError("models.name", name, "a route name used once")
-            route = Route(name=name, ref=ref, swap=swap, warmup=warmup)
+            route = Route(
+                name=name, ref=ref, swap=swap, warmup=warmup, warmup_example=warmup_example
+            )
             self._routes[name] = route
             return route
+
+    def update(
+        self,
+        name: str,
+        uri: str | ModelRef,
+        *,
+        swap: SwapPolicy = "availability",
+        warmup: bool = True,
+        warmup_example: dict[str, Any] | None = None,
+    ) -> None:
+        """Point an existing route at another ref; the old version serves until the new one
+        is ready (at the next :meth:`refresh`).
+
+        Raises:
+            InvalidModelURI, ConfigError, ModelNotReady (unknown route)
+        """
+        ref = uri if isinstance(uri, ModelRef) else parse_uri(uri)
+        if swap not in SWAP_POLICIES:
+            raise ConfigError(f"models.{name}.swap", swap, " | ".join(SWAP_POLICIES))
+        with self._refresh_lock:
+            route = self.route(name)
+            if route.ref != ref:
+                route.ref, route.resolved, route.pinned = ref, None, None
+                route.rejections.clear()
+            route.swap, route.warmup, route.warmup_example = swap, warmup, warmup_example
 
     def remove(self, name: str) -> None:
         with self._refresh_lock:
@@ -239,6 +271,7 @@ class ModelManager:
         served = route.handle
         if isinstance(answer, LoaderError):
             route.problem = str(answer)
+            route.last_error = answer
             if served is not None:
                 log.warning("%s: %s; still serving %s", route.name, answer, served.label)
             else:
@@ -283,7 +316,8 @@ class ModelManager:
             model = self.source.load(prepared, uri=route.ref.uri, stale=answer.stale)
             step = "warm-up"
             if route.warmup:
-                warm_up(model, PyFuncLoader(prepared.path).input_example(), version.label)
+                example = route.warmup_example or PyFuncLoader(prepared.path).input_example()
+                warm_up(model, example, version.label)
         except LoaderError as exc:
             lease.close()
             self._reject(route, version, _step_of(exc, step), exc, old)
@@ -304,6 +338,7 @@ class ModelManager:
         old_lease = route.lease
         route.handle, route.lease = handle, lease
         route.rejections.pop(version.cache_key, None)
+        route.last_error = None
         route.swaps += 1
         route.last_swap_at = handle.loaded_at
         if old_lease is not None:
@@ -336,6 +371,7 @@ class ModelManager:
         route.rejections[version.cache_key] = Rejection(
             version, step, reason, now, attempts, now + delay
         )
+        route.last_error = exc
         still = route.handle or old
         tail = f"still serving {still.label}" if still else "nothing served"
         log.warning("%s rejected at %s (%s); %s", version.label, step, reason, tail)

@@ -10,6 +10,8 @@ resource starts in a ``cleanup_ctx`` and is stopped after its ``yield``.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +21,9 @@ from aiohttp import web
 
 from loader.manager import ModelManager
 from serving.batching import RouteWorker
-from serving.config import Config
+from serving.config import Config, ConfigProblems, load_config
 from serving.errors import error_middleware
+from serving.hotswap import Follower
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,8 +34,10 @@ DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 class Daemon:
     """The state of one running server."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reload: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._reload = reload or (lambda: load_config(config.path) if config.path else config)
+        self.follower: Follower | None = None
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="modeld-load")
         self.workers: dict[str, RouteWorker] = {}
         self.manager: ModelManager | None = None
@@ -54,6 +59,12 @@ class Daemon:
         finally:
             self.started.set()
         await self.refresh()
+        self.follower = Follower(self)
+        try:
+            self.follower.start_watching()
+        except Exception:  # e.g. inotify limits: polling still follows the registry
+            log.exception("file watching unavailable; local models reload at each poll")
+        self.spawn(self.follower.run())
 
     def _build_manager(self) -> ModelManager:
         from loader.api import make_source
@@ -74,6 +85,63 @@ class Daemon:
         for model in c.models:
             manager.add(model.name, model.uri, swap=model.swap, warmup=model.warmup)  # type: ignore[arg-type]
         return manager
+
+    async def reload_config(self) -> None:
+        """Apply an edited config file: add, remove or change models without a restart.
+
+        An invalid edit is logged and ignored; the old configuration keeps serving.
+        """
+        try:
+            new = await self.in_load_pool(self._reload)
+        except ConfigProblems as exc:
+            log.error("config reload ignored, still serving the previous config: %s", exc)
+            return
+        except Exception:
+            log.exception("config reload ignored, still serving the previous config")
+            return
+        old = self.config
+        for section in ("server", "registry", "cache", "dependencies", "admin"):
+            before_s, after_s = getattr(old, section), getattr(new, section)
+            if section == "registry":  # the poll interval applies live, the rest does not
+                before_s = dataclasses.replace(before_s, poll_interval_s=0)
+                after_s = dataclasses.replace(after_s, poll_interval_s=0)
+            if before_s != after_s:
+                log.warning("config: [%s] changed; it takes effect after a restart", section)
+        if old.registry.poll_interval_s != new.registry.poll_interval_s:
+            log.info("config: poll interval now %ss", new.registry.poll_interval_s)
+        before = {m.name: m for m in old.models}
+        after = {m.name: m for m in new.models}
+        if self.manager is None:
+            self.config = new
+            return
+        manager = self.manager
+
+        def apply() -> list[str]:
+            changed = []
+            for name in before.keys() - after.keys():
+                manager.remove(name)
+                log.info("config: stopped serving %s", name)
+            for name, model in after.items():
+                if name not in before:
+                    manager.add(name, model.uri, swap=model.swap, warmup=model.warmup)  # type: ignore[arg-type]
+                    log.info("config: now serving %s = %s", name, model.uri)
+                    changed.append(name)
+                elif before[name] != model:
+                    manager.update(name, model.uri, swap=model.swap, warmup=model.warmup)  # type: ignore[arg-type]
+                    log.info("config: %s now follows %s", name, model.uri)
+                    changed.append(name)
+            return changed
+
+        changed = await self.in_load_pool(apply)
+        for name in before.keys() - after.keys():
+            worker = self.workers.pop(name, None)
+            if worker is not None:
+                await self.in_load_pool(worker.close)
+        self.config = new
+        if self.follower is not None:
+            self.follower.sync_model_watches()
+        if changed:
+            await self.refresh(changed)
 
     async def refresh(self, names: Iterable[str] | None = None, *, force: bool = False) -> None:
         if self.manager is not None:
@@ -99,6 +167,8 @@ class Daemon:
         return task
 
     async def stop(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -110,14 +180,17 @@ class Daemon:
         self.load_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def create_app(config: Config) -> web.Application:
-    """The aiohttp application serving ``config``'s models."""
-    from serving import handlers
+def create_app(config: Config, *, reload: Callable[[], Config] | None = None) -> web.Application:
+    """The aiohttp application serving ``config``'s models.
+
+    ``reload`` re-reads the configuration when its file changes (default: the file alone).
+    """
+    from serving import admin, handlers
 
     app = web.Application(
         client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
     )
-    daemon = Daemon(config)
+    daemon = Daemon(config, reload=reload)
     app[DAEMON] = daemon
 
     async def pipeline(app: web.Application) -> AsyncIterator[None]:
@@ -127,4 +200,6 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(pipeline)
     handlers.add_routes(app)
+    admin.add_routes(app)
+    app[admin.SEEN] = collections.OrderedDict()
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from serving.config import Config, ConfigProblems, load_config
@@ -48,6 +48,10 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
         "--dependency-policy", choices=("strict", "warn", "ignore"),
         help="what to do when a model's requirements are not met (default warn)",
     )  # fmt: skip
+    parser.add_argument(
+        "--poll-interval", type=float, metavar="SECONDS",
+        help="seconds between registry polls (default 10)",
+    )  # fmt: skip
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
@@ -58,11 +62,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "server.log_level": args.log_level,
         "cache.dir": args.cache_dir,
         "dependencies.policy": args.dependency_policy,
+        "registry.poll_interval_s": args.poll_interval,
     }
     config = load_config(args.config, overrides=overrides, extra_models=args.model)
     if not config.models:
         raise ConfigProblems(["no model to serve: pass -m URI or add [[models]] to --config"])
     return config
+
+
+def reloader(args: argparse.Namespace) -> Callable[[], Config]:
+    """Re-read the config file with the same env and flags (for hot reload)."""
+    return lambda: config_from_args(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,17 +89,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigProblems as exc:
         print(f"modeld: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return serve(config)
+    return serve(config, reload=reloader(args))
 
 
-def serve(config: Config, *, banner: str | None = None) -> int:
+def serve(
+    config: Config, *, banner: str | None = None, reload: Callable[[], Config] | None = None
+) -> int:
     from aiohttp import web
 
     from serving.app import create_app
     from serving.logsetup import setup_logging
 
     setup_logging(config.server.log_level)
-    app = create_app(config)
+    app = create_app(config, reload=reload)
     host, port = config.server.host, config.server.port
 
     async def announce(_: web.Application) -> None:

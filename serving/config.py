@@ -65,6 +65,23 @@ class DependenciesConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    webhook_secret: str = field(default="", repr=False)
+    webhook_max_age_s: float = 300.0
+
+    @property
+    def bearer(self) -> str:
+        """The admin token: ``token``, else the first line of ``token_file``."""
+        if self.token:
+            return self.token
+        if self.token_file:
+            return Path(self.token_file).read_text(encoding="utf-8").strip()
+        return ""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     uri: str
@@ -79,6 +96,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     dependencies: DependenciesConfig = field(default_factory=DependenciesConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     models: tuple[ModelConfig, ...] = ()
     path: str | None = None
 
@@ -96,6 +114,7 @@ _SECTIONS = {
     "registry": RegistryConfig,
     "cache": CacheConfig,
     "dependencies": DependenciesConfig,
+    "admin": AdminConfig,
 }
 
 
@@ -280,6 +299,15 @@ def _validate(config: Config, problems: list[str]) -> None:
     if config.registry.poll_interval_s <= 0:
         problems.append(f"registry.poll_interval_s = {config.registry.poll_interval_s}: "
                         "expected > 0")  # fmt: skip
+    admin = config.admin
+    if admin.token_file and not admin.token:
+        try:
+            if not admin.bearer:
+                problems.append(f"admin.token_file = {admin.token_file!r}: the file is empty")
+        except OSError as exc:
+            problems.append(f"admin.token_file = {admin.token_file!r}: cannot read ({exc})")
+    if admin.webhook_max_age_s <= 0:
+        problems.append(f"admin.webhook_max_age_s = {admin.webhook_max_age_s}: expected > 0")
     if config.cache.max_bytes < 0:
         problems.append(f"cache.max_bytes = {config.cache.max_bytes}: expected >= 0 (0: no limit)")
     if config.cache.verify not in VERIFY_MODES:
