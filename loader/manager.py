@@ -32,6 +32,7 @@ SwapPolicy = Literal["availability", "memory"]
 SWAP_POLICIES = ("availability", "memory")
 RETRY_BASE_S = 30.0
 RETRY_MAX_S = 3600.0
+MAX_REJECTIONS_KEPT = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,9 +369,12 @@ class ModelManager:
         delay = min(self.retry_max_s, self.retry_base_s * 2 ** (attempts - 1))
         now = self.clock()
         reason = str(exc) or type(exc).__name__
+        route.rejections.pop(version.cache_key, None)  # re-insert: newest last
         route.rejections[version.cache_key] = Rejection(
             version, step, reason, now, attempts, now + delay
         )
+        while len(route.rejections) > MAX_REJECTIONS_KEPT:
+            route.rejections.pop(next(iter(route.rejections)))
         route.last_error = exc
         still = route.handle or old
         tail = f"still serving {still.label}" if still else "nothing served"

@@ -277,7 +277,10 @@ class Registry:
         return max(ready, key=lambda mv: int(mv.version))
 
     def _get_version(self, name: str, version: int) -> Any:
-        return self._call(self.client.get_model_version, name, str(version))
+        try:
+            return self._call(self.client.get_model_version, name, str(version))
+        except ModelNotFound as exc:
+            raise ModelNotFound(name, f"version {version}") from exc
 
     def _require_ready(self, ref: ModelRef, mv: ModelVersion) -> ModelVersion:
         if mv.status != READY:

@@ -113,12 +113,13 @@ async def pin(request: web.Request) -> web.Response:
     if isinstance(version, str) and version.isdigit():
         version = int(version)
     manager = _manager(daemon)
+    route = manager.route(name)
+    previous = route.pinned
     manager.pin(name, version)  # ConfigError -> 400 quoting the value
     await daemon.refresh([name], force=True)
-    route = manager.route(name)
     if route.resolved is None or route.resolved.version != version:  # no such version
         problem = route.problem
-        manager.unpin(name)
+        route.pinned = previous
         await daemon.refresh([name])
         return envelope(404, f"{name}: cannot pin version {version}: {problem}")
     status = manager.status(name)
