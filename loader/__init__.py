@@ -24,8 +24,10 @@ from loader.errors import (
     RegistryError,
     RegistryUnavailable,
 )
+from loader.live import LiveModel
 from loader.manager import ModelHandle, ModelManager
 from loader.pipeline import ModelInfo, ModelSource, Prepared, Resolution
+from loader.poller import PollSchedule
 from loader.registry import ModelVersion, Registry
 from loader.uri import ModelRef, RefKind, parse_uri
 
@@ -37,6 +39,7 @@ __all__ = [
     "DependencyPolicy",
     "DependencyReport",
     "InvalidModelURI",
+    "LiveModel",
     "LoaderError",
     "Mismatch",
     "ModelCache",
@@ -49,6 +52,7 @@ __all__ = [
     "ModelRef",
     "ModelSource",
     "ModelVersion",
+    "PollSchedule",
     "Prepared",
     "RefKind",
     "Registry",
