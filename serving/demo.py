@@ -47,7 +47,48 @@ def build_registry(state_dir: Path) -> str:
     return uri
 
 
+def promote_new_version(state_dir: Path, uri: str, url: str, *, delay_s: float = 5.0) -> None:
+    """Once the server answers, register a new iris version and move it to Production, so the
+    demo shows modeld following the registry and swapping without a restart."""
+    import time
+    import urllib.request
+
+    import mlflow.sklearn
+    from mlflow import MlflowClient
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    time.sleep(delay_s)
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    path = state_dir / "models" / f"iris-{int(time.time())}"
+    pins = [f"{n}=={importlib.metadata.version(n)}" for n in REQUIREMENTS]
+    model = LogisticRegression(C=10.0, max_iter=1000).fit(X, y)
+    mlflow.sklearn.save_model(model, str(path), input_example=X.head(2), pip_requirements=pins)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = client.create_model_version(MODEL_NAME, source=str(path.resolve()))
+    client.transition_model_version_stage(MODEL_NAME, mv.version, "Production", True)
+    print(
+        f"\nmodeld demo: registered iris v{mv.version} and moved it to Production "
+        f"(archiving the old one). Within a poll interval the server swaps to it without "
+        f"dropping a request: see the X-Model-Version header of the curl above, or "
+        f"curl -s {url}/models/iris\n",
+        flush=True,
+    )
+
+
 def run_demo(state_dir: str, *, host: str, port: int) -> int:
+    import warnings
+
+    # MLflow's deprecation notes about stages and schema hints are noise in a first-run demo.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
     from serving.cli import serve
     from serving.config import load_config
 
@@ -61,6 +102,7 @@ def run_demo(state_dir: str, *, host: str, port: int) -> int:
             "registry.tracking_uri": uri,
             "registry.registry_uri": uri,
             "cache.dir": str(state / "cache"),
+            "registry.poll_interval_s": 2.0,
         },
         extra_models=[
             f"models:/{MODEL_NAME}/Production",
@@ -74,9 +116,15 @@ def run_demo(state_dir: str, *, host: str, port: int) -> int:
     )  # fmt: skip
     banner = (
         f"\nmodeld demo serving models:/{MODEL_NAME}/Production on http://{host}:{port}\n"
-        f"Try:\n  curl -s -X POST http://{host}:{port}/invocations "
+        f"Try:\n  curl -si -X POST http://{host}:{port}/invocations "
         f"-H 'Content-Type: application/json' -d '{payload}'\n"
         f"  curl -s http://{host}:{port}/models\n"
         "Stop with Ctrl-C.\n"
     )
+    import threading
+
+    url = f"http://{host}:{port}"
+    threading.Thread(
+        target=promote_new_version, args=(state, uri, url), name="modeld-demo", daemon=True
+    ).start()
     return serve(config, banner=banner)
