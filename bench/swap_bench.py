@@ -69,8 +69,8 @@ async def measure(url: str, registry_url: str, *, swaps: int, push: bool, client
             for _ in range(1_000_000):  # bounded
                 if stop_event.is_set():
                     return
-                async with session.post(f"{url}/invocations", data=body,
-                                        headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
+                headers = {"Content-Type": "application/json"}
+                async with session.post(f"{url}/invocations", data=body, headers=headers) as resp:
                     await resp.read()
                     seen.append((time.monotonic(), resp.headers.get("X-Model-Version"),
                                  resp.status))  # fmt: skip

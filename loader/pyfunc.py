@@ -46,7 +46,8 @@ class PyFuncLoader:
 
 
 def warm_up(model: Any, example: dict[str, Any] | None, label: str) -> bool:
-    """Run one prediction on the saved serving example and check the answer is well formed.
+    """Run one prediction on ``example`` (MLflow's request format: the model's saved serving
+    input example or a configured payload) and check the answer is well formed.
 
     Returns whether a warm-up ran.
 
@@ -66,8 +67,7 @@ def warm_up(model: Any, example: dict[str, Any] | None, label: str) -> bool:
         result = model.predict(data, params=params) if params else model.predict(data)
     except Exception as exc:
         raise ModelLoadError(
-            f"{label} warm-up prediction on its saved input example failed: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+            f"{label} warm-up prediction failed: {type(exc).__name__}: {_first_line(exc)}"
         ) from exc
     if result is None:
         raise ModelLoadError(f"{label} warm-up prediction returned None")

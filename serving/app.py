@@ -21,7 +21,7 @@ from aiohttp import web
 
 from loader.manager import ModelManager
 from serving.batching import RouteWorker
-from serving.config import Config, ConfigProblems, load_config
+from serving.config import Config, ConfigProblems, ModelConfig, load_config
 from serving.errors import error_middleware
 from serving.hotswap import Follower
 
@@ -74,16 +74,16 @@ class Daemon:
             cache_dir=c.cache.dir or None,
             tracking_uri=c.registry.tracking_uri or None,
             registry_uri=c.registry.registry_uri or None,
-            dependency_policy=c.dependencies.policy,  # type: ignore[arg-type]
-            dependency_match=c.dependencies.match,  # type: ignore[arg-type]
+            dependency_policy=c.dependencies.policy,
+            dependency_match=c.dependencies.match,
             dependency_ignore=c.dependencies.ignore,
-            verify=c.cache.verify,  # type: ignore[arg-type]
+            verify=c.cache.verify,
             max_cache_bytes=c.cache.max_bytes or None,
             snapshots=c.cache.snapshots,
         )
         manager = ModelManager(source)
         for model in c.models:
-            manager.add(model.name, model.uri, swap=model.swap, warmup=model.warmup)  # type: ignore[arg-type]
+            manager.add(model.name, model.uri, **_route_options(model))
         return manager
 
     async def reload_config(self) -> None:
@@ -123,11 +123,11 @@ class Daemon:
                 log.info("config: stopped serving %s", name)
             for name, model in after.items():
                 if name not in before:
-                    manager.add(name, model.uri, swap=model.swap, warmup=model.warmup)  # type: ignore[arg-type]
+                    manager.add(name, model.uri, **_route_options(model))
                     log.info("config: now serving %s = %s", name, model.uri)
                     changed.append(name)
                 elif before[name] != model:
-                    manager.update(name, model.uri, swap=model.swap, warmup=model.warmup)  # type: ignore[arg-type]
+                    manager.update(name, model.uri, **_route_options(model))
                     log.info("config: %s now follows %s", name, model.uri)
                     changed.append(name)
             return changed
@@ -178,6 +178,10 @@ class Daemon:
         for worker in workers:
             await self.in_load_pool(worker.close)
         self.load_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _route_options(model: ModelConfig) -> dict[str, Any]:
+    return {"swap": model.swap, "warmup": model.warmup, "warmup_example": model.warmup_example}
 
 
 def create_app(config: Config, *, reload: Callable[[], Config] | None = None) -> web.Application:

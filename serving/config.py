@@ -6,6 +6,7 @@ Everything is validated at once; :class:`ConfigProblems` carries every problem w
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -88,6 +89,12 @@ class ModelConfig:
     default: bool = False
     swap: str = "availability"
     warmup: bool = True
+    warmup_payload: str = ""
+
+    @property
+    def warmup_example(self) -> dict[str, Any] | None:
+        """The configured warm-up request (MLflow's JSON format), else None."""
+        return json.loads(self.warmup_payload) if self.warmup_payload else None
 
 
 @dataclass(frozen=True)
@@ -238,7 +245,8 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
             continue
         unknown = set(item) - {f.name for f in dataclasses.fields(ModelConfig)}
         for key in sorted(unknown):
-            problems.append(f"{where}.{key}: unknown key (known: name, uri, default, swap, warmup)")
+            known = ", ".join(f.name for f in dataclasses.fields(ModelConfig))
+            problems.append(f"{where}.{key}: unknown key (known: {known})")
         uri = item.get("uri")
         if not isinstance(uri, str):
             problems.append(f"{where}.uri: required, a model URI such as models:/iris/Production")
@@ -246,7 +254,8 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
         name = item.get("name") or _default_name(uri)
         checks = {"name": (name, str), "default": (item.get("default", False), bool),
                   "swap": (item.get("swap", "availability"), str),
-                  "warmup": (item.get("warmup", True), bool)}  # fmt: skip
+                  "warmup": (item.get("warmup", True), bool),
+                  "warmup_payload": (item.get("warmup_payload", ""), str)}  # fmt: skip
         bad = [k for k, (v, t) in checks.items() if not isinstance(v, t)]
         for key in bad:
             problems.append(
@@ -256,7 +265,7 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
             continue
         models.append(
             ModelConfig(name, uri, item.get("default", False), item.get("swap", "availability"),
-                        item.get("warmup", True))
+                        item.get("warmup", True), item.get("warmup_payload", ""))
         )  # fmt: skip
     # The first -m model answers POST /invocations unless a [[models]] entry is the default.
     first_default = not any(m.default for m in models)
@@ -331,5 +340,13 @@ def _validate(config: Config, problems: list[str]) -> None:
         seen.add(m.name)
         if m.swap not in SWAP_POLICIES:
             problems.append(f"{where}.swap = {m.swap!r}: expected one of {SWAP_POLICIES}")
+        if m.warmup_payload:
+            try:
+                ok = isinstance(json.loads(m.warmup_payload), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                problems.append(f"{where}.warmup_payload: expected a JSON object in MLflow's "
+                                'request format, e.g. {"inputs": [[1, 2]]}')  # fmt: skip
     if sum(m.default for m in config.models) > 1:
         problems.append("models: more than one model has default = true")

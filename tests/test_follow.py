@@ -323,3 +323,73 @@ async def test_local_model_directory_reload(aiohttp_client, registry, cache_dir,
 
     assert await until(is_three, timeout_s=20)
     assert client.server.app[DAEMON].manager.route("loc").swaps == 2
+
+
+async def test_tag_edits_show_without_reload_and_retry_a_rejected_version(
+    aiohttp_client, registry, cache_dir, broken_models
+):
+    c = registry.client()
+    name = "taggy"
+    register(c, name, registry.models["const1"])
+    config = make_config(registry, cache_dir, f"models:/{name}/latest",
+                         registry__poll_interval_s=POLL_S)  # fmt: skip
+    client = await start(aiohttp_client, config)
+    c.set_model_version_tag(name, "1", "owner", "team-a")
+    c.update_model_version(name, "1", description="first cut")
+
+    async def tagged():
+        status = await (await client.get(f"/models/{name}")).json()
+        return status["tags"] == {"owner": "team-a"} and status["description"] == "first cut"
+
+    assert await until(tagged)
+    assert (await (await client.get(f"/models/{name}")).json())["swaps"] == 1  # no reload
+    register(c, name, broken_models["no-weights"])
+
+    async def attempts():
+        status = await (await client.get(f"/models/{name}")).json()
+        return [r["attempts"] for r in status["rejected"]]
+
+    assert await until(lambda: _eq(attempts, [1]))
+    first = (await (await client.get(f"/models/{name}")).json())["rejected"][0]["at"]
+    await asyncio.sleep(POLL_S * 3)
+    again = (await (await client.get(f"/models/{name}")).json())["rejected"][0]
+    assert (again["attempts"], again["at"]) == (1, first)  # backoff: not retried every cycle
+    c.set_model_version_tag(name, "2", "fixed", "maybe")  # the registry shows a change
+
+    async def retried():
+        rejected = (await (await client.get(f"/models/{name}")).json())["rejected"]
+        return rejected[0]["at"] > first
+
+    assert await until(retried)  # at once, not after the 30 s backoff
+
+
+async def test_warmup_payload_and_memory_swap(aiohttp_client, registry, cache_dir):
+    c = registry.client()
+    name = "lean"
+    register(c, name, registry.models["const1"])
+    good = json.dumps(split_payload(iris_frame(1)))
+    config = make_config(registry, cache_dir, f"models:/{name}/latest",
+                         registry__poll_interval_s=POLL_S)  # fmt: skip
+    from dataclasses import replace
+
+    model = replace(config.models[0], swap="memory", warmup_payload=good)
+    client = await start(aiohttp_client, replace(config, models=(model,)))
+    register(c, name, registry.models["const2"])
+
+    async def on_two():
+        return await served(client, name) == 2
+
+    assert await until(on_two)
+    bad = replace(model, warmup_payload=json.dumps({"inputs": [["not", "numbers"]]}))
+    daemon = client.server.app[DAEMON]
+    daemon.manager.update(name, bad.uri, swap="memory", warmup_example=bad.warmup_example)
+    register(c, name, registry.models["const3"])
+
+    async def rejected_at_warmup():
+        status = await (await client.get(f"/models/{name}")).json()
+        return [r["step"] for r in status["rejected"]] == ["warm-up"]
+
+    assert await until(rejected_at_warmup)
+    status = await (await client.get(f"/models/{name}")).json()
+    assert status["version"] is None and status["state"] == "failed"  # the memory-swap gap
+    assert (await client.get("/health")).status == 503

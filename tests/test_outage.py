@@ -54,8 +54,8 @@ async def test_outage_keeps_serving_then_catches_up_and_restarts_offline(
 
     # A restart with the registry down serves the last known version from the cache (stale).
     await client.close()
-    offline = await start(aiohttp_client, make_config(registry, cache_dir,
-                                                      f"models:/{name}/Production", **overrides))  # fmt: skip
+    config = make_config(registry, cache_dir, f"models:/{name}/Production", **overrides)
+    offline = await start(aiohttp_client, config)
     resp = await offline.post("/invocations", json=payload)
     assert resp.status == 200
     assert resp.headers["X-Model-Version"] == "2" and resp.headers["X-Model-Stale"] == "true"
@@ -73,10 +73,14 @@ def test_live_model_swaps_in_process(registry, cache_dir):
     c.set_registered_model_alias(name, "prod", "1")
     swaps = []
     frame = iris_frame(3)
-    with loader.LiveModel(f"models:/{name}@prod", poll_interval_s=POLL_S, cache_dir=cache_dir,
-                          tracking_uri=registry.uri, registry_uri=registry.uri,
-                          on_swap=lambda old, new: swaps.append((old.version.version,
-                                                                 new.version.version))) as live:  # fmt: skip
+
+    def on_swap(old, new):
+        swaps.append((old.version.version, new.version.version))
+
+    options = {"cache_dir": cache_dir, "tracking_uri": registry.uri, "registry_uri": registry.uri}
+    with loader.LiveModel(
+        f"models:/{name}@prod", poll_interval_s=POLL_S, on_swap=on_swap, **options
+    ) as live:
         assert live.version == 1 and list(live.predict(frame)) == [1, 1, 1]
         answers = []
         stop = threading.Event()

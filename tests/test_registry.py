@@ -126,3 +126,29 @@ def test_unreachable_registry_is_quick_and_typed():
         dead.resolve(parse_uri("models:/iris/latest"))
     assert time.monotonic() - started < 15
     assert "127.0.0.1:9" in str(info.value)
+
+
+def test_backend_refusing_in_filter_falls_back_to_per_model_calls(registry, caplog):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    class NoInFilter(MlflowClient):
+        """A registry backend that refuses `name IN (...)` (as some hosted ones do)."""
+
+        refused = 0
+
+        def search_registered_models(self, filter_string=None, *args, **kwargs):
+            if filter_string and " IN (" in filter_string:
+                NoInFilter.refused += 1
+                raise MlflowException("IN is not supported", error_code=INVALID_PARAMETER_VALUE)
+            return super().search_registered_models(filter_string, *args, **kwargs)
+
+    reg = Registry(NoInFilter(tracking_uri=registry.uri, registry_uri=registry.uri))
+    refs = [parse_uri(u) for u in ("models:/iris/Production", "models:/iris@champion",
+                                   "models:/bad-deps/latest", "models:/nope/latest")]  # fmt: skip
+    for _ in range(2):
+        out = reg.resolve_many(refs)
+        assert [getattr(out[r], "version", None) for r in refs[:3]] == [2, 1, 1]
+        assert isinstance(out[refs[3]], ModelNotFound)
+    assert NoInFilter.refused == 1  # remembered: the batch is not retried every poll
+    assert "polling per model" in caplog.text
