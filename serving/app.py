@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,10 @@ class Daemon:
         finally:
             self.started.set()
         await self.refresh()
+        # Everything imported and loaded so far lives as long as the process: move it out of
+        # the collector's reach, so a full collection never pauses requests for ~100 ms.
+        gc.collect()
+        gc.freeze()
         self.follower = Follower(self)
         try:
             self.follower.start_watching()
