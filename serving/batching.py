@@ -36,7 +36,7 @@ ADAPTIVE_WAIT_CAP_S = 0.005
 class _Job:
     handle: ModelHandle
     body: bytes
-    mime: str
+    codec: protocol.Codec
     future: asyncio.Future[bytes]
     loop: asyncio.AbstractEventLoop
     request: protocol.Decoded | None = None
@@ -69,11 +69,13 @@ class RouteWorker:
         )
         self._thread.start()
 
-    def submit(self, handle: ModelHandle, body: bytes, mime: str) -> asyncio.Future[bytes]:
+    def submit(
+        self, handle: ModelHandle, body: bytes, codec: protocol.Codec
+    ) -> asyncio.Future[bytes]:
         """Queue one request; the future resolves to the encoded response body."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        self._queue.put(_Job(handle, body, mime, future, loop))
+        self._queue.put(_Job(handle, body, codec, future, loop))
         return future
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -139,7 +141,7 @@ class RouteWorker:
             if job.future.cancelled():  # timed out or client gone while queued
                 continue
             try:
-                job.request = protocol.decode(job.body, job.mime, job.handle.model)
+                job.request = job.codec.decode(job.body, job.handle.model)
             except Exception as exc:
                 _fail(job, exc)
                 continue
@@ -180,6 +182,7 @@ class RouteWorker:
             tuple(map(str, data.dtypes)),
             params,
             request.conformant,
+            type(job.codec),
         )
 
     def _predict_one(self, job: _Job) -> None:
@@ -189,7 +192,7 @@ class RouteWorker:
             result = protocol.predict(
                 job.handle.model, request.data, request.params, conformant=request.conformant
             )
-            body = protocol.encode(result, unwrapped=request.unwrapped)
+            body = job.codec.encode(result, request, job.handle)
         except Exception as exc:
             _fail(job, exc)
             return
@@ -224,7 +227,7 @@ class RouteWorker:
         self._count(len(group))
         for job, part in zip(group, parts, strict=True):
             try:
-                body = protocol.encode(part, unwrapped=False)
+                body = job.codec.encode(part, job.request, job.handle)
             except Exception as exc:
                 _fail(job, exc)
                 continue

@@ -88,7 +88,7 @@ async def _invoke(request: web.Request, daemon: Daemon, name: str) -> web.Respon
     handle = _handle(daemon, name)  # one handle for the whole request, whatever swaps meanwhile
     mime = protocol.check_content_type(request.headers.get("Content-Type"))
     body = await request.read()
-    work = daemon.worker(name).submit(handle, body, mime)
+    work = daemon.worker(name).submit(handle, body, protocol.MlflowCodec(mime))
     payload = await asyncio.wait_for(work, daemon.config.server.request_timeout_s)
     response = web.Response(body=payload, content_type=protocol.JSON)
     response.headers[HEADER_ROUTE] = name

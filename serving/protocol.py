@@ -162,6 +162,34 @@ class Decoded:
     conformant: bool = False
 
 
+class Codec:
+    """How one wire protocol turns bytes into a model input and a result into bytes.
+
+    The predict worker calls both on its thread; a codec holds per-request settings only.
+    """
+
+    def decode(self, body: bytes, model: Any) -> Decoded:
+        raise NotImplementedError
+
+    def encode(self, result: Any, request: Decoded, handle: Any) -> bytes:
+        raise NotImplementedError
+
+
+class MlflowCodec(Codec):
+    """MLflow's scoring protocol (``/invocations``)."""
+
+    __slots__ = ("mime",)
+
+    def __init__(self, mime: str) -> None:
+        self.mime = mime
+
+    def decode(self, body: bytes, model: Any) -> Decoded:
+        return decode(body, self.mime, model)
+
+    def encode(self, result: Any, request: Decoded, handle: Any) -> bytes:
+        return encode(result, unwrapped=request.unwrapped)
+
+
 def decode(body: bytes, mime: str, model: Any) -> Decoded:
     """Turn a request body into a :class:`Decoded` request for ``model.predict``.
 
