@@ -194,10 +194,11 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
 
     ``reload`` re-reads the configuration when its file changes (default: the file alone).
     """
-    from serving import admin, handlers
+    from serving import admin, handlers, oip
 
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[error_middleware, oip.oip_errors],
     )
     daemon = Daemon(config, reload=reload)
     app[DAEMON] = daemon
@@ -210,5 +211,6 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
     app.cleanup_ctx.append(pipeline)
     handlers.add_routes(app)
     admin.add_routes(app)
+    oip.add_routes(app)
     app[admin.SEEN] = collections.OrderedDict()
     return app

@@ -190,6 +190,11 @@ class MlflowCodec(Codec):
         return encode(result, unwrapped=request.unwrapped)
 
 
+def predict_input_schema(model: Any) -> Any:
+    """The model's input schema (None without a signature)."""
+    return model.metadata.get_input_schema()
+
+
 def decode(body: bytes, mime: str, model: Any) -> Decoded:
     """Turn a request body into a :class:`Decoded` request for ``model.predict``.
 
