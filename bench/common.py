@@ -49,10 +49,12 @@ def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subpr
     # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return subprocess.Popen(
-        cmd, stdout=fh, stderr=subprocess.STDOUT,
+        cmd,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PATH": path, **(env or {})},
         start_new_session=True,
-    )  # fmt: skip
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -103,12 +105,26 @@ class MlflowServer:
     def __enter__(self) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = start(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts"],
-            self.log, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--serve-artifacts",
+            ],
+            self.log,
+            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
         wait_http(f"{self.url}/health", proc=self.proc)
         return self
 
@@ -132,8 +148,9 @@ def log_models(tracking_uri: str) -> dict[str, str]:
     mlflow.set_experiment("bench")
     X, y = load_iris(return_X_y=True, as_frame=True)
     iris = LogisticRegression(max_iter=500).fit(X, y)
-    Xf, yf = make_classification(n_samples=3000, n_features=4, n_informative=4, n_redundant=0,
-                                 random_state=0)  # fmt: skip
+    Xf, yf = make_classification(
+        n_samples=3000, n_features=4, n_informative=4, n_redundant=0, random_state=0
+    )
     import pandas as pd
 
     Xf = pd.DataFrame(Xf, columns=X.columns)
@@ -146,9 +163,13 @@ def log_models(tracking_uri: str) -> dict[str, str]:
     ):
         with mlflow.start_run():
             mlflow.sklearn.log_model(
-                model, name="model", registered_model_name=name, input_example=X.head(2),
-                pip_requirements=pins(), **extra,
-            )  # fmt: skip
+                model,
+                name="model",
+                registered_model_name=name,
+                input_example=X.head(2),
+                pip_requirements=pins(),
+                **extra,
+            )
         client.transition_model_version_stage(name, "1", "Production")
         out[name] = f"models:/{name}/Production"
     return out

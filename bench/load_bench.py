@@ -55,12 +55,15 @@ def main() -> None:
                     source.load(prepared, uri=uri)
                     ours.append(time.perf_counter() - t0)
                     ours_bytes += 0 if not prepared.downloaded else size
-                rows.append((name, size, statistics.median(theirs), statistics.median(ours),
-                             ours_bytes))  # fmt: skip
+                rows.append(
+                    (name, size, statistics.median(theirs), statistics.median(ours), ours_bytes)
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print("| model | size | mlflow.pyfunc.load_model | loader cache hit | speed-up | "
-          "bytes downloaded (mlflow / modeld) |")  # fmt: skip
+    print(
+        "| model | size | mlflow.pyfunc.load_model | loader cache hit | speed-up | "
+        "bytes downloaded (mlflow / modeld) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, size, theirs, ours, ours_bytes in rows:
         print(

@@ -43,12 +43,40 @@ def launch(kind: str, uri: str, tracking: str, root: Path) -> dict:
     port = free_port()
     env = {"MLFLOW_TRACKING_URI": tracking}
     if kind == "mlflow":
-        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
-               "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            uri,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--workers",
+            "1",
+        ]
     else:
-        cmd = [sys.executable, "-m", "serving", "serve", "-m", uri, "--host", "127.0.0.1",
-               "--port", str(port), "--cache-dir", str(root / "modeld-cache"),
-               "--log-level", "WARNING"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "serving",
+            "serve",
+            "-m",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--cache-dir",
+            str(root / "modeld-cache"),
+            "--log-level",
+            "WARNING",
+        ]
     t0 = time.monotonic()
     log = root / f"{kind}-{port}.log"
     proc = start(cmd, log, env=env)
@@ -111,11 +139,15 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for model, servers in servers_info:
         for kind, s in servers.items():
-            print(f"| {model} | {kind} | {s['ready_s']:.1f} s | {s['idle_mb']:.0f} MB | "
-                  f"{s.get('peak_mb', float('nan')):.0f} MB |")  # fmt: skip
+            print(
+                f"| {model} | {kind} | {s['ready_s']:.1f} s | {s['idle_mb']:.0f} MB | "
+                f"{s.get('peak_mb', float('nan')):.0f} MB |"
+            )
         m, d = servers["mlflow"], servers["modeld"]
-        print(f"| {model} | ratio modeld/mlflow | {d['ready_s'] / m['ready_s']:.2f}x | "
-              f"{d['idle_mb'] / m['idle_mb']:.2f}x | |")  # fmt: skip
+        print(
+            f"| {model} | ratio modeld/mlflow | {d['ready_s'] / m['ready_s']:.2f}x | "
+            f"{d['idle_mb'] / m['idle_mb']:.2f}x | |"
+        )
 
 
 HEADER = (

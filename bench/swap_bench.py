@@ -48,9 +48,12 @@ def log_versions(url: str, n: int) -> None:
         model = LogisticRegression(C=0.1 * (i + 1), max_iter=500).fit(X, y)
         with mlflow.start_run():
             mlflow.sklearn.log_model(
-                model, name="model", registered_model_name="iris", input_example=X.head(2),
+                model,
+                name="model",
+                registered_model_name="iris",
+                input_example=X.head(2),
                 pip_requirements=pins(),
-            )  # fmt: skip
+            )
     MlflowClient(url).set_registered_model_alias("iris", "live", "1")
 
 
@@ -72,8 +75,9 @@ async def measure(url: str, registry_url: str, *, swaps: int, push: bool, client
                 headers = {"Content-Type": "application/json"}
                 async with session.post(f"{url}/invocations", data=body, headers=headers) as resp:
                     await resp.read()
-                    seen.append((time.monotonic(), resp.headers.get("X-Model-Version"),
-                                 resp.status))  # fmt: skip
+                    seen.append(
+                        (time.monotonic(), resp.headers.get("X-Model-Version"), resp.status)
+                    )
 
         tasks = [asyncio.ensure_future(load()) for _ in range(clients)]
         latencies = []
@@ -83,8 +87,9 @@ async def measure(url: str, registry_url: str, *, swaps: int, push: bool, client
             for _ in range(swaps):
                 target = 2 if current == 1 else 1
                 t0 = time.monotonic()
-                await asyncio.to_thread(client.set_registered_model_alias, "iris", "live",
-                                        str(target))  # fmt: skip
+                await asyncio.to_thread(
+                    client.set_registered_model_alias, "iris", "live", str(target)
+                )
                 if push:
                     async with session.post(f"{url}/admin/models/iris/refresh") as resp:
                         await resp.read()
@@ -118,11 +123,25 @@ def main() -> None:
                 ("push (admin refresh)", 10.0, True, 50),
             ):
                 port = free_port()
-                cmd = [sys.executable, "-m", "serving", "serve", "-m", "iris=models:/iris@live",
-                       "--port", str(port), "--cache-dir", str(root / "cache"),
-                       "--poll-interval", str(interval), "--log-level", "WARNING"]  # fmt: skip
-                proc = start(cmd, root / f"modeld-{port}.log", env={"MLFLOW_TRACKING_URI":
-                                                                    registry.url})  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "serving",
+                    "serve",
+                    "-m",
+                    "iris=models:/iris@live",
+                    "--port",
+                    str(port),
+                    "--cache-dir",
+                    str(root / "cache"),
+                    "--poll-interval",
+                    str(interval),
+                    "--log-level",
+                    "WARNING",
+                ]
+                proc = start(
+                    cmd, root / f"modeld-{port}.log", env={"MLFLOW_TRACKING_URI": registry.url}
+                )
                 url = f"http://127.0.0.1:{port}"
                 try:
                     wait_http(f"{url}/health", proc=proc)
@@ -133,8 +152,7 @@ def main() -> None:
                         )
                         rss_first = tree_rss_mb(proc.pid)
                         swaps -= 1
-                    lat, failed, n = asyncio.run(measure(url, registry.url, swaps=swaps,
-                                                         push=push))  # fmt: skip
+                    lat, failed, n = asyncio.run(measure(url, registry.url, swaps=swaps, push=push))
                     if push:
                         lat, failed, n = lat1 + lat, failed + failed1, n + n1
                     rss = tree_rss_mb(proc.pid)
@@ -144,13 +162,17 @@ def main() -> None:
                     stop(proc)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print("| trigger | swaps | swap latency p50 / max | requests during swaps | failed | RSS "
-          "after 1 swap | RSS after all |")  # fmt: skip
+    print(
+        "| trigger | swaps | swap latency p50 / max | requests during swaps | failed | RSS "
+        "after 1 swap | RSS after all |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, lat, failed, n, rss_first, rss in rows:
         first = f"{rss_first:.0f} MB" if rss_first else ""
-        print(f"| {label} | {len(lat)} | {statistics.median(lat) * 1000:.0f} ms / "
-              f"{max(lat) * 1000:.0f} ms | {n} | {failed} | {first} | {rss:.0f} MB |")  # fmt: skip
+        print(
+            f"| {label} | {len(lat)} | {statistics.median(lat) * 1000:.0f} ms / "
+            f"{max(lat) * 1000:.0f} ms | {n} | {failed} | {first} | {rss:.0f} MB |"
+        )
 
 
 if __name__ == "__main__":

@@ -47,6 +47,16 @@ _HASH_CHUNK = 1 << 20
 SNAPSHOT_FILE = ".modeld-snapshot.pkl"
 
 
+@dataclass(slots=True)
+class CacheStats:
+    """What this process's cache did: read by metrics and status."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    discarded: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
     """A complete, verified cache entry."""
@@ -89,6 +99,7 @@ class ModelCache:
             self._index = _open_index(self.root / "index")
         except OSError as exc:
             raise CacheError(f"cannot use cache directory {str(self.root)!r}: {exc}") from exc
+        self.stats = CacheStats()
         self._thread_locks: dict[str, threading.Lock] = {}
         self._thread_locks_guard = threading.Lock()
         self._reap_temp_dirs()
@@ -144,9 +155,12 @@ class ModelCache:
                 "cache entry %s is damaged (%s): discarding it, will fetch again", key, problem
             )
             self._discard(key, meta=meta)
+            self.stats.discarded += 1
             return None
         record["last_used"] = time.time()
         self._index.set(ikey, record)
+        if not meta:
+            self.stats.hits += 1
         return CacheEntry(key=key, path=path, bytes=record["bytes"], downloaded=False)
 
     def _fetch(
@@ -170,6 +184,7 @@ class ModelCache:
                 return entry
             entry = self._download(key, version, download, meta=meta)
         if not meta:
+            self.stats.misses += 1
             self.evict()
         return entry
 
@@ -340,6 +355,7 @@ class ModelCache:
                 continue
             total -= entry["bytes"]
             evicted.append(entry["key"])
+            self.stats.evictions += 1
             log.info("evicted %s from the cache (%d bytes)", entry["key"], entry["bytes"])
         return evicted
 

@@ -108,6 +108,9 @@ class ModelManager:
         source: the shared resolve/fetch/check/load pipeline.
         retry_base_s, retry_max_s: backoff for retrying a rejected version.
         on_swap: called as ``on_swap(route, old_handle, new_handle)`` after each swap.
+        observer: called as ``observer(event, fields)`` for ``"swap"`` (route, version,
+            load_s, warmup_s), ``"reject"`` (route, version, step) and ``"poll"`` (seconds, ok):
+            the daemon turns these into metrics; the loader knows no metrics library.
         clock: wall-clock seconds; injected by tests.
     """
 
@@ -118,8 +121,10 @@ class ModelManager:
         retry_base_s: float = RETRY_BASE_S,
         retry_max_s: float = RETRY_MAX_S,
         on_swap: Callable[[str, ModelHandle | None, ModelHandle], None] | None = None,
+        observer: Callable[[str, dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.observer = observer
         self.source = source
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
@@ -245,6 +250,7 @@ class ModelManager:
                 return
             refs = {r.name: self._aspired_ref(r) for r in routes}
             known = {refs[r.name]: r.resolved for r in routes if r.resolved is not None}
+            started = time.perf_counter()
             answers = self.source.resolve_many(set(refs.values()), known=known)
             self.last_poll_at = self.clock()
             down = any(
@@ -258,6 +264,7 @@ class ModelManager:
             elif self.registry_down_since is not None:
                 log.info("registry %s reachable again", self.source.registry.identity)
                 self.registry_down_since = None
+            self._emit("poll", seconds=time.perf_counter() - started, ok=not down)
             for route in routes:
                 answer = answers.get(refs[route.name])
                 if answer is not None:
@@ -314,11 +321,14 @@ class ModelManager:
             step = "load"
             if prepared.cache_key is not None:
                 lease.enter_context(self.source.cache.lease(prepared.cache_key))
+            started = time.perf_counter()
             model = self.source.load(prepared, uri=route.ref.uri, stale=answer.stale)
+            load_s = time.perf_counter() - started
             step = "warm-up"
             if route.warmup:
                 example = route.warmup_example or PyFuncLoader(prepared.path).input_example()
                 warm_up(model, example, version.label)
+            warmup_s = time.perf_counter() - started - load_s
         except LoaderError as exc:
             lease.close()
             self._reject(route, version, _step_of(exc, step), exc, old)
@@ -353,6 +363,9 @@ class ModelManager:
                 version.label,
                 " (stale: registry unreachable)" if answer.stale else "",
             )
+        self._emit(
+            "swap", route=route.name, version=version.version, load_s=load_s, warmup_s=warmup_s
+        )
         if self.on_swap is not None:
             self.on_swap(route.name, old, handle)
 
@@ -376,9 +389,17 @@ class ModelManager:
         while len(route.rejections) > MAX_REJECTIONS_KEPT:
             route.rejections.pop(next(iter(route.rejections)))
         route.last_error = exc
+        self._emit("reject", route=route.name, version=version.version, step=step)
         still = route.handle or old
         tail = f"still serving {still.label}" if still else "nothing served"
         log.warning("%s rejected at %s (%s); %s", version.label, step, reason, tail)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(event, fields)
+            except Exception:  # metrics must never break serving
+                log.exception("observer failed on %s", event)
 
     def _unload(self, route: Route) -> None:
         route.handle = None

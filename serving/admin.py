@@ -126,8 +126,11 @@ async def pin(request: web.Request) -> web.Response:
     if status["version"] != version:
         rejected = [r for r in status["rejected"] if r["version"] == version]
         why = rejected[-1]["reason"] if rejected else status["problem"]
-        body = {**status, "error_code": "INVALID_STATE",
-                "message": f"{name} pinned to {version}, which is not served: {why}"}  # fmt: skip
+        body = {
+            **status,
+            "error_code": "INVALID_STATE",
+            "message": f"{name} pinned to {version}, which is not served: {why}",
+        }
         return json_response(body, 409)
     log.info("%s pinned at version %s", name, version)
     return json_response(status)

@@ -25,6 +25,7 @@ from serving.batching import RouteWorker
 from serving.config import Config, ConfigProblems, ModelConfig, load_config
 from serving.errors import error_middleware
 from serving.hotswap import Follower
+from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,6 +40,7 @@ class Daemon:
         self.config = config
         self._reload = reload or (lambda: load_config(config.path) if config.path else config)
         self.follower: Follower | None = None
+        self.metrics = Metrics(self)
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="modeld-load")
         self.workers: dict[str, RouteWorker] = {}
         self.manager: ModelManager | None = None
@@ -86,7 +88,7 @@ class Daemon:
             max_cache_bytes=c.cache.max_bytes or None,
             snapshots=c.cache.snapshots,
         )
-        manager = ModelManager(source)
+        manager = ModelManager(source, observer=self.metrics.observe)
         for model in c.models:
             manager.add(model.name, model.uri, **_route_options(model))
         return manager
@@ -161,6 +163,7 @@ class Daemon:
                 route,
                 max_batch_size=server.max_batch_size,
                 max_batch_delay_s=server.max_batch_delay_ms / 1000,
+                on_batch=self.metrics.batch_size.labels(route).observe,
             )
             self.workers[route] = worker
         return worker
@@ -196,11 +199,11 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
     """
     from serving import admin, handlers, oip
 
+    daemon = Daemon(config, reload=reload)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[error_middleware, oip.oip_errors],
+        middlewares=[daemon.metrics.middleware, error_middleware, oip.oip_errors],
     )
-    daemon = Daemon(config, reload=reload)
     app[DAEMON] = daemon
 
     async def pipeline(app: web.Application) -> AsyncIterator[None]:

@@ -56,11 +56,19 @@ class BatchStats:
 class RouteWorker:
     """The predict path of one route: a thread fed by a queue."""
 
-    def __init__(self, route: str, *, max_batch_size: int = 32, max_batch_delay_s: float = 0.0):
+    def __init__(
+        self,
+        route: str,
+        *,
+        max_batch_size: int = 32,
+        max_batch_delay_s: float = 0.0,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self.route = route
         self.max_batch_size = max(1, max_batch_size)
         self.max_batch_delay_s = max(0.0, max_batch_delay_s)
         self.stats = BatchStats()
+        self._on_batch = on_batch
         self._predict_s: float | None = None  # moving average of one batch's processing time
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._unbatchable = protocol.ModelMemo()
@@ -219,8 +227,11 @@ class RouteWorker:
             log.warning(
                 "%s: %s's output is not row-aligned with its input (%s for %d rows): "
                 "predicting one request at a time from now on",
-                self.route, group[0].handle.label, type(result).__name__, total,
-            )  # fmt: skip
+                self.route,
+                group[0].handle.label,
+                type(result).__name__,
+                total,
+            )
             for job in group:
                 self._predict_one(job)
             return
@@ -234,6 +245,8 @@ class RouteWorker:
             _succeed(job, body)
 
     def _count(self, n: int) -> None:
+        if self._on_batch is not None:
+            self._on_batch(n)
         self.stats.calls += 1
         self.stats.requests += n
         self.stats.largest = max(self.stats.largest, n)

@@ -35,9 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-m", "--model", action="append", default=[], metavar="[NAME=]URI",
+        "-m",
+        "--model",
+        action="append",
+        default=[],
+        metavar="[NAME=]URI",
         help="model to serve (repeatable); NAME names the route, else the registered name",
-    )  # fmt: skip
+    )
     parser.add_argument("--config", help="TOML config file (see config.example.toml)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default 8080)")
@@ -45,14 +49,18 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", help="disk cache (default $MODELD_CACHE_DIR or ~/.cache/modeld)"
     )
     parser.add_argument(
-        "--dependency-policy", choices=("strict", "warn", "ignore"),
+        "--dependency-policy",
+        choices=("strict", "warn", "ignore"),
         help="what to do when a model's requirements are not met (default warn)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--poll-interval", type=float, metavar="SECONDS",
+        "--poll-interval",
+        type=float,
+        metavar="SECONDS",
         help="seconds between registry polls (default 10)",
-    )  # fmt: skip
+    )
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -60,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "server.host": args.host,
         "server.port": args.port,
         "server.log_level": args.log_level,
+        "server.log_format": args.log_format,
         "cache.dir": args.cache_dir,
         "dependencies.policy": args.dependency_policy,
         "registry.poll_interval_s": args.poll_interval,
@@ -100,7 +109,7 @@ def serve(
     from serving.app import create_app
     from serving.logsetup import setup_logging
 
-    setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.server.log_format)
     app = create_app(config, reload=reload)
     host, port = config.server.host, config.server.port
 

@@ -41,6 +41,7 @@ class ServerConfig:
     max_batch_size: int = 32
     max_batch_delay_ms: float = 0.0
     log_level: str = "INFO"
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -252,10 +253,13 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
             problems.append(f"{where}.uri: required, a model URI such as models:/iris/Production")
             continue
         name = item.get("name") or _default_name(uri)
-        checks = {"name": (name, str), "default": (item.get("default", False), bool),
-                  "swap": (item.get("swap", "availability"), str),
-                  "warmup": (item.get("warmup", True), bool),
-                  "warmup_payload": (item.get("warmup_payload", ""), str)}  # fmt: skip
+        checks = {
+            "name": (name, str),
+            "default": (item.get("default", False), bool),
+            "swap": (item.get("swap", "availability"), str),
+            "warmup": (item.get("warmup", True), bool),
+            "warmup_payload": (item.get("warmup_payload", ""), str),
+        }
         bad = [k for k, (v, t) in checks.items() if not isinstance(v, t)]
         for key in bad:
             problems.append(
@@ -264,9 +268,15 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
         if bad:
             continue
         models.append(
-            ModelConfig(name, uri, item.get("default", False), item.get("swap", "availability"),
-                        item.get("warmup", True), item.get("warmup_payload", ""))
-        )  # fmt: skip
+            ModelConfig(
+                name,
+                uri,
+                item.get("default", False),
+                item.get("swap", "availability"),
+                item.get("warmup", True),
+                item.get("warmup_payload", ""),
+            )
+        )
     # The first -m model answers POST /invocations unless a [[models]] entry is the default.
     first_default = not any(m.default for m in models)
     for value in extra:
@@ -305,9 +315,12 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(f"server.max_batch_delay_ms = {s.max_batch_delay_ms}: expected >= 0")
     if s.log_level.upper() not in LOG_LEVELS:
         problems.append(f"server.log_level = {s.log_level!r}: expected one of {LOG_LEVELS}")
+    if s.log_format not in ("text", "json"):
+        problems.append(f"server.log_format = {s.log_format!r}: expected text or json")
     if config.registry.poll_interval_s <= 0:
-        problems.append(f"registry.poll_interval_s = {config.registry.poll_interval_s}: "
-                        "expected > 0")  # fmt: skip
+        problems.append(
+            f"registry.poll_interval_s = {config.registry.poll_interval_s}: expected > 0"
+        )
     admin = config.admin
     if admin.token_file and not admin.token:
         try:
@@ -346,7 +359,9 @@ def _validate(config: Config, problems: list[str]) -> None:
             except ValueError:
                 ok = False
             if not ok:
-                problems.append(f"{where}.warmup_payload: expected a JSON object in MLflow's "
-                                'request format, e.g. {"inputs": [[1, 2]]}')  # fmt: skip
+                problems.append(
+                    f"{where}.warmup_payload: expected a JSON object in MLflow's "
+                    'request format, e.g. {"inputs": [[1, 2]]}'
+                )
     if sum(m.default for m in config.models) > 1:
         problems.append("models: more than one model has default = true")

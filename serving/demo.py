@@ -110,10 +110,18 @@ def run_demo(state_dir: str, *, host: str, port: int) -> int:
         ],
     )
     payload = json.dumps(
-        {"dataframe_split": {"columns": ["sepal length (cm)", "sepal width (cm)",
-                                         "petal length (cm)", "petal width (cm)"],
-                             "data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}}
-    )  # fmt: skip
+        {
+            "dataframe_split": {
+                "columns": [
+                    "sepal length (cm)",
+                    "sepal width (cm)",
+                    "petal length (cm)",
+                    "petal width (cm)",
+                ],
+                "data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]],
+            }
+        }
+    )
     banner = (
         f"\nmodeld demo serving models:/{MODEL_NAME}/Production on http://{host}:{port}\n"
         f"Try:\n  curl -si -X POST http://{host}:{port}/invocations "

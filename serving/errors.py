@@ -53,8 +53,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return loader_error_response(exc)
     except web.HTTPRequestEntityTooLarge:
         limit = getattr(request, "_client_max_size", "?")
-        return envelope(413, f"request body too large: the limit is {limit} bytes "
-                        "(server.max_body_bytes)")  # fmt: skip
+        return envelope(
+            413, f"request body too large: the limit is {limit} bytes (server.max_body_bytes)"
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

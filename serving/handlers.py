@@ -28,6 +28,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/models", list_models)
     app.router.add_get("/models/{name}", get_model)
     app.router.add_post("/models/{name}/invocations", model_invocations)
+    app.router.add_get("/metrics", metrics)
 
 
 def _daemon(request: web.Request) -> Daemon:
@@ -109,6 +110,17 @@ def _handle(daemon: Daemon, name: str) -> ModelHandle:
     if daemon.manager is None:
         raise ModelNotReady(name)
     return daemon.manager.get(name)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; collected in the load executor (the cache index is on disk)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    daemon = _daemon(request)
+    body = await daemon.in_load_pool(generate_latest, daemon.metrics.registry)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
 
 
 async def list_models(request: web.Request) -> web.Response:

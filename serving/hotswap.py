@@ -73,8 +73,9 @@ class Follower:
         config_path = self.daemon.config.path
         if config_path:
             path = Path(config_path).resolve()
-            self._watch(str(path.parent), recursive=False,
-                        on_change=lambda p: p == str(path), key="config")  # fmt: skip
+            self._watch(
+                str(path.parent), recursive=False, on_change=lambda p: p == str(path), key="config"
+            )
         self.sync_model_watches()
 
     def sync_model_watches(self) -> None:
@@ -94,8 +95,9 @@ class Follower:
             if key not in self._watched:
                 self._watch(path, recursive=True, on_change=lambda p: True, key=key)
 
-    def _watch(self, path: str, *, recursive: bool, on_change: Callable[[str], bool],
-               key: str) -> None:  # fmt: skip
+    def _watch(
+        self, path: str, *, recursive: bool, on_change: Callable[[str], bool], key: str
+    ) -> None:
         from watchdog.events import FileSystemEventHandler
 
         follower = self

@@ -23,16 +23,32 @@ from serving.app import DAEMON, Daemon
 from serving.protocol import Codec, Decoded, ProtocolError, predict_input_schema
 
 _NUMPY_BY_DATATYPE = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
-    "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
-}  # fmt: skip
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "object",
+}
 _DATATYPE_BY_KIND = {"b": "BOOL", "O": "BYTES", "U": "BYTES", "S": "BYTES"}
 _DATATYPE_BY_NAME = {numpy: oip for oip, numpy in _NUMPY_BY_DATATYPE.items() if numpy != "object"}
 _MLFLOW_TYPE_TO_DATATYPE = {
-    "boolean": "BOOL", "integer": "INT32", "long": "INT64", "float": "FP32", "double": "FP64",
-    "string": "BYTES", "binary": "BYTES", "datetime": "BYTES",
-}  # fmt: skip
+    "boolean": "BOOL",
+    "integer": "INT32",
+    "long": "INT64",
+    "float": "FP32",
+    "double": "FP64",
+    "string": "BYTES",
+    "binary": "BYTES",
+    "datetime": "BYTES",
+}
 MAX_ELEMENTS = 50_000_000
 
 
@@ -48,8 +64,9 @@ def add_routes(app: web.Application) -> None:
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps({"error": message[:1000]}),
-                        content_type="application/json")  # fmt: skip
+    return web.Response(
+        status=status, body=orjson.dumps({"error": message[:1000]}), content_type="application/json"
+    )
 
 
 @web.middleware
@@ -124,13 +141,15 @@ async def model_ready(request: web.Request) -> web.Response:
 async def model_metadata(request: web.Request) -> web.Response:
     _, handle = _served(request)
     metadata = handle.model.metadata
-    return _json({
-        "name": handle.route,
-        "versions": [str(handle.version.version)],
-        "platform": "mlflow",
-        "inputs": _tensor_specs(metadata.get_input_schema()),
-        "outputs": _tensor_specs(metadata.get_output_schema()),
-    })  # fmt: skip
+    return _json(
+        {
+            "name": handle.route,
+            "versions": [str(handle.version.version)],
+            "platform": "mlflow",
+            "inputs": _tensor_specs(metadata.get_input_schema()),
+            "outputs": _tensor_specs(metadata.get_output_schema()),
+        }
+    )
 
 
 def _tensor_specs(schema: Any) -> list[dict[str, Any]]:
@@ -139,19 +158,23 @@ def _tensor_specs(schema: Any) -> list[dict[str, Any]]:
     specs = []
     if schema.is_tensor_spec():
         for i, spec in enumerate(schema.inputs):
-            specs.append({
-                "name": spec.name or f"input-{i}",
-                "datatype": _datatype(spec.type),
-                "shape": [int(d) for d in spec.shape],
-            })  # fmt: skip
+            specs.append(
+                {
+                    "name": spec.name or f"input-{i}",
+                    "datatype": _datatype(spec.type),
+                    "shape": [int(d) for d in spec.shape],
+                }
+            )
         return specs
     for i, spec in enumerate(schema.inputs):
         mlflow_type = getattr(spec.type, "name", str(spec.type))
-        specs.append({
-            "name": spec.name or f"output-{i}",
-            "datatype": _MLFLOW_TYPE_TO_DATATYPE.get(mlflow_type, "BYTES"),
-            "shape": [-1],
-        })  # fmt: skip
+        specs.append(
+            {
+                "name": spec.name or f"output-{i}",
+                "datatype": _MLFLOW_TYPE_TO_DATATYPE.get(mlflow_type, "BYTES"),
+                "shape": [-1],
+            }
+        )
     return specs
 
 
@@ -191,8 +214,11 @@ class OipCodec(Codec):
     def decode(self, body: bytes, model: Any) -> Decoded:
         document, binary = self._split(body)
         if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
-            raise ProtocolError(400, "BAD_REQUEST", 'expected {"inputs": [{"name", "shape", '
-                                '"datatype", "data"}, ...]}')  # fmt: skip
+            raise ProtocolError(
+                400,
+                "BAD_REQUEST",
+                'expected {"inputs": [{"name", "shape", "datatype", "data"}, ...]}',
+            )
         if not document["inputs"]:
             raise ProtocolError(400, "BAD_REQUEST", "'inputs' is empty")
         rid = document.get("id")
@@ -201,8 +227,11 @@ class OipCodec(Codec):
         if isinstance(outputs, list):
             self.requested = [o.get("name") for o in outputs if isinstance(o, dict)]
         params = document.get("parameters")
-        params = {k: v for k, v in params.items() if k != "content_type"} if isinstance(
-            params, dict) else None  # fmt: skip
+        params = (
+            {k: v for k, v in params.items() if k != "content_type"}
+            if isinstance(params, dict)
+            else None
+        )
         tensors: dict[str, Any] = {}
         offset = 0
         for item in document["inputs"]:
@@ -222,8 +251,9 @@ class OipCodec(Codec):
                 message = "Inference-Header-Content-Length is not a number"
                 raise ProtocolError(400, "BAD_REQUEST", message) from None
             if not 0 <= length <= len(body):
-                raise ProtocolError(400, "BAD_REQUEST",
-                                    "Inference-Header-Content-Length exceeds the body")  # fmt: skip
+                raise ProtocolError(
+                    400, "BAD_REQUEST", "Inference-Header-Content-Length exceeds the body"
+                )
             header, binary = body[:length], body[length:]
         try:
             return orjson.loads(header), binary
@@ -236,11 +266,17 @@ class OipCodec(Codec):
             known = {o["name"] for o in outputs}
             missing = [n for n in self.requested if n not in known]
             if missing:
-                raise ProtocolError(400, "BAD_REQUEST", f"unknown outputs {missing}; the model "
-                                    f"returns {sorted(known)}")  # fmt: skip
+                raise ProtocolError(
+                    400,
+                    "BAD_REQUEST",
+                    f"unknown outputs {missing}; the model returns {sorted(known)}",
+                )
             outputs = [o for o in outputs if o["name"] in self.requested]
-        answer = {"model_name": handle.route, "model_version": str(handle.version.version),
-                  "outputs": outputs}  # fmt: skip
+        answer = {
+            "model_name": handle.route,
+            "model_version": str(handle.version.version),
+            "outputs": outputs,
+        }
         if self.request_id is not None:
             answer["id"] = self.request_id
         return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -254,13 +290,18 @@ def _tensor(item: Any, binary: bytes, offset: int) -> tuple[str, Any, int]:
     name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
     if not isinstance(name, str) or not name:
         raise ProtocolError(400, "BAD_REQUEST", "an input has no 'name'")
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                and d >= 0 for d in shape)):  # fmt: skip
-        raise ProtocolError(400, "BAD_REQUEST", f"input {name!r}: 'shape' must be a list of "
-                            "non-negative integers")  # fmt: skip
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ProtocolError(
+            400, "BAD_REQUEST", f"input {name!r}: 'shape' must be a list of non-negative integers"
+        )
     if datatype not in _NUMPY_BY_DATATYPE:
-        raise ProtocolError(400, "BAD_REQUEST", f"input {name!r}: datatype {datatype!r} is not "
-                            f"one of {', '.join(_NUMPY_BY_DATATYPE)}")  # fmt: skip
+        raise ProtocolError(
+            400,
+            "BAD_REQUEST",
+            f"input {name!r}: datatype {datatype!r} is not one of {', '.join(_NUMPY_BY_DATATYPE)}",
+        )
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise ProtocolError(400, "BAD_REQUEST", f"input {name!r} has {count} elements")
@@ -268,8 +309,9 @@ def _tensor(item: Any, binary: bytes, offset: int) -> tuple[str, Any, int]:
     size = (item.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or offset + size > len(binary):
-            raise ProtocolError(400, "BAD_REQUEST", f"input {name!r}: binary_data_size "
-                                "exceeds the binary part")  # fmt: skip
+            raise ProtocolError(
+                400, "BAD_REQUEST", f"input {name!r}: binary_data_size exceeds the binary part"
+            )
         chunk = binary[offset : offset + size]
         offset += size
         array = _bytes_tensor(chunk) if datatype == "BYTES" else np.frombuffer(chunk, dtype)
@@ -280,11 +322,15 @@ def _tensor(item: Any, binary: bytes, offset: int) -> tuple[str, Any, int]:
         try:
             array = np.array(data, dtype=dtype)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise ProtocolError(400, "BAD_REQUEST", f"input {name!r}: data is not "
-                                f"{datatype} ({exc})") from None  # fmt: skip
+            raise ProtocolError(
+                400, "BAD_REQUEST", f"input {name!r}: data is not {datatype} ({exc})"
+            ) from None
     if array.size != count:
-        raise ProtocolError(400, "BAD_REQUEST", f"input {name!r}: shape {shape} needs {count} "
-                            f"elements, got {array.size}")  # fmt: skip
+        raise ProtocolError(
+            400,
+            "BAD_REQUEST",
+            f"input {name!r}: shape {shape} needs {count} elements, got {array.size}",
+        )
     return name, array.reshape(shape), offset
 
 
@@ -316,8 +362,11 @@ def _to_model_input(tensors: dict[str, Any], schema: Any) -> Any:
         if array.ndim == 2 and array.shape[1] == 1:
             array = array[:, 0]
         if array.ndim != 1:
-            raise ProtocolError(400, "BAD_REQUEST", f"input {name!r}: a column takes shape [N] "
-                                f"or [N, 1], got {list(array.shape)}")  # fmt: skip
+            raise ProtocolError(
+                400,
+                "BAD_REQUEST",
+                f"input {name!r}: a column takes shape [N] or [N, 1], got {list(array.shape)}",
+            )
         frame[name] = array
     lengths = {len(a) for a in frame.values()}
     if len(lengths) > 1:

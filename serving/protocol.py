@@ -380,8 +380,9 @@ def _utf8(body: bytes) -> str:
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ProtocolError(400, "BAD_REQUEST", f"the body is not valid UTF-8 ({exc.reason} "
-                            f"at byte {exc.start})") from None  # fmt: skip
+        raise ProtocolError(
+            400, "BAD_REQUEST", f"the body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def _required_format(detail: str) -> str:

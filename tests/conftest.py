@@ -84,11 +84,14 @@ def no_thread_leaks():
     before = {t.ident for t in threading.enumerate()}
     yield
     leaked = [
-        t for t in threading.enumerate()
-        if t.ident not in before and t.is_alive() and not t.daemon
+        t
+        for t in threading.enumerate()
+        if t.ident not in before
+        and t.is_alive()
+        and not t.daemon
         # MLflow keeps process-wide artifact download pools (created once, reused).
         and not t.name.startswith(("asyncio_", "ThreadPoolExecutor", "Mlflow"))
-    ]  # fmt: skip
+    ]
     for t in leaked:
         t.join(timeout=5)
     leaked = [t for t in leaked if t.is_alive()]

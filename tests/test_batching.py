@@ -42,10 +42,11 @@ def save_echo(path, aligned=True):
 @pytest.fixture
 async def echo(aiohttp_client, registry, cache_dir, tmp_path):
     config = make_config(
-        registry, cache_dir,
+        registry,
+        cache_dir,
         f"echo={save_echo(tmp_path / 'echo')}",
         f"lump={save_echo(tmp_path / 'lump', aligned=False)}",
-    )  # fmt: skip
+    )
     return await start(aiohttp_client, config)
 
 
@@ -86,8 +87,13 @@ async def test_concurrent_requests_are_batched_and_get_their_own_rows(echo):
 
 
 async def test_bad_request_does_not_fail_the_batch(echo):
-    bodies = [body([1.0]), body([2.0]), {"dataframe_split": {"columns": ["y"], "data": [[1]]}},
-              body([-1.0]), body([3.0])]  # fmt: skip
+    bodies = [
+        body([1.0]),
+        body([2.0]),
+        {"dataframe_split": {"columns": ["y"], "data": [[1]]}},
+        body([-1.0]),
+        body([3.0]),
+    ]
     answers = await post_all(echo, "echo", bodies)
     assert answers[0] == (200, [1.0])
     assert answers[1] == (200, [2.0])

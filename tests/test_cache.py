@@ -45,10 +45,21 @@ def test_key_separates_registries_and_sources(source):
 
 def spawn(registry, cache_dir, marker, mode, uri="models:/iris/2"):
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.fetch_worker", str(cache_dir), registry.uri, uri,
-         str(marker), mode],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tests.fetch_worker",
+            str(cache_dir),
+            registry.uri,
+            uri,
+            str(marker),
+            mode,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_processes_download_once(registry, cache_dir, tmp_path):

@@ -21,9 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def modeld(*args, env=None, **kwargs):
     return subprocess.Popen(
         [sys.executable, "-m", "serving", *args],
-        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, **kwargs,
-    )  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def post(url, body, timeout=30):
@@ -54,10 +58,17 @@ def slow_model(tmp_path):
 def test_serve_subprocess_answers_and_drains_on_sigterm(registry, tmp_path, slow_model):
     port = free_port()
     proc = modeld(
-        "serve", "-m", "models:/iris/Production", "-m", f"slow={slow_model}",
-        "--port", str(port), "--cache-dir", str(tmp_path / "cache"),
+        "serve",
+        "-m",
+        "models:/iris/Production",
+        "-m",
+        f"slow={slow_model}",
+        "--port",
+        str(port),
+        "--cache-dir",
+        str(tmp_path / "cache"),
         env={"MLFLOW_TRACKING_URI": registry.uri},
-    )  # fmt: skip
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/health", timeout_s=120, proc=proc)

@@ -43,10 +43,17 @@ async def test_registry_changes_under_load_drop_nothing(aiohttp_client, registry
         register(client_reg, name, models[f"const{k}"])
     client_reg.transition_model_version_stage(name, 1, "Production")
     client_reg.set_registered_model_alias(name, "live", "1")
-    routes = {"prod": f"models:/{name}/Production", "live": f"models:/{name}@live",
-              "latest": f"models:/{name}/latest"}  # fmt: skip
-    config = make_config(registry, cache_dir, *(f"{r}={u}" for r, u in routes.items()),
-                         registry__poll_interval_s=POLL_S)  # fmt: skip
+    routes = {
+        "prod": f"models:/{name}/Production",
+        "live": f"models:/{name}@live",
+        "latest": f"models:/{name}/latest",
+    }
+    config = make_config(
+        registry,
+        cache_dir,
+        *(f"{r}={u}" for r, u in routes.items()),
+        registry__poll_interval_s=POLL_S,
+    )
     client = await start(aiohttp_client, config)
 
     expected = {"prod": 1, "live": 1, "latest": 2}
@@ -62,8 +69,16 @@ async def test_registry_changes_under_load_drop_nothing(aiohttp_client, registry
             t0 = time.monotonic()
             resp = await client.post(f"/models/{route}/invocations", json=payload)
             body = await resp.json()
-            responses.append((route, resp.status, resp.headers.get("X-Model-Version"), t0,
-                              time.monotonic(), body))  # fmt: skip
+            responses.append(
+                (
+                    route,
+                    resp.status,
+                    resp.headers.get("X-Model-Version"),
+                    t0,
+                    time.monotonic(),
+                    body,
+                )
+            )
 
     loaders = [asyncio.ensure_future(load(r)) for r in routes for _ in range(2)]
     c = client_reg
@@ -136,8 +151,9 @@ def broken_models(registry, tmp_path_factory):
             raise RuntimeError("this model refuses every input")
 
     refuses = root / "refuses"
-    mlflow.pyfunc.save_model(str(refuses), python_model=Refuses(), input_example=iris_frame(2),
-                             pip_requirements=[])  # fmt: skip
+    mlflow.pyfunc.save_model(
+        str(refuses), python_model=Refuses(), input_example=iris_frame(2), pip_requirements=[]
+    )
     return {"no-weights": no_weights, "refuses": refuses, "bad-deps": registry.models["bad-deps"]}
 
 
@@ -147,9 +163,13 @@ async def test_failing_versions_are_never_served(
     c = registry.client()
     name = "picky"
     register(c, name, registry.models["const1"])
-    config = make_config(registry, cache_dir, f"models:/{name}/latest",
-                         registry__poll_interval_s=POLL_S,
-                         dependencies__policy="strict")  # fmt: skip
+    config = make_config(
+        registry,
+        cache_dir,
+        f"models:/{name}/latest",
+        registry__poll_interval_s=POLL_S,
+        dependencies__policy="strict",
+    )
     client = await start(aiohttp_client, config)
     payload = split_payload(iris_frame(1))
     for number, (label, step) in enumerate(
@@ -182,13 +202,19 @@ async def test_pin_unpin_and_admin_auth(aiohttp_client, registry, cache_dir):
     name = "pinny"
     for k in (1, 2):
         register(c, name, registry.models[f"const{k}"])
-    config = make_config(registry, cache_dir, f"models:/{name}/latest",
-                         registry__poll_interval_s=POLL_S, admin__token="s3cret")  # fmt: skip
+    config = make_config(
+        registry,
+        cache_dir,
+        f"models:/{name}/latest",
+        registry__poll_interval_s=POLL_S,
+        admin__token="s3cret",
+    )
     client = await start(aiohttp_client, config)
     auth = {"Authorization": "Bearer s3cret"}
     assert (await client.post(f"/admin/models/{name}/pin", json={"version": 1})).status == 401
-    bad = await client.post(f"/admin/models/{name}/pin", json={"version": 1},
-                            headers={"Authorization": "Bearer nope"})  # fmt: skip
+    bad = await client.post(
+        f"/admin/models/{name}/pin", json={"version": 1}, headers={"Authorization": "Bearer nope"}
+    )
     assert bad.status == 401 and "error_code" in await bad.json()
     resp = await client.post(f"/admin/models/{name}/pin", json={"version": 1}, headers=auth)
     assert resp.status == 200, await resp.text()
@@ -197,8 +223,9 @@ async def test_pin_unpin_and_admin_auth(aiohttp_client, registry, cache_dir):
     await asyncio.sleep(POLL_S * 4)
     assert await served(client, name) == 1
     for bad_version in ("x", 0, -1, True, None):
-        resp = await client.post(f"/admin/models/{name}/pin", json={"version": bad_version},
-                                 headers=auth)  # fmt: skip
+        resp = await client.post(
+            f"/admin/models/{name}/pin", json={"version": bad_version}, headers=auth
+        )
         assert resp.status == 400, bad_version
         assert repr(bad_version) in (await resp.json())["message"]
     missing = await client.post(f"/admin/models/{name}/pin", json={"version": 99}, headers=auth)
@@ -227,14 +254,20 @@ async def test_webhook_signature_replay_and_age(aiohttp_client, registry, cache_
     c = registry.client()
     name = "hooked"
     register(c, name, registry.models["const1"])
-    config = make_config(registry, cache_dir, f"models:/{name}/latest",
-                         registry__poll_interval_s=3600, admin__webhook_secret="whsec")  # fmt: skip
+    config = make_config(
+        registry,
+        cache_dir,
+        f"models:/{name}/latest",
+        registry__poll_interval_s=3600,
+        admin__webhook_secret="whsec",
+    )
     client = await start(aiohttp_client, config)
     register(c, name, registry.models["const2"])
 
     def signed(secret="whsec", stamp=None, delivery=None):
-        body = json.dumps({"entity": "model_version", "action": "created",
-                           "data": {"name": name, "version": "2"}})  # fmt: skip
+        body = json.dumps(
+            {"entity": "model_version", "action": "created", "data": {"name": name, "version": "2"}}
+        )
         delivery = delivery or str(uuid.uuid4())
         stamp = str(int(time.time())) if stamp is None else stamp
         headers = {
@@ -243,7 +276,7 @@ async def test_webhook_signature_replay_and_age(aiohttp_client, registry, cache_
             "X-MLflow-Timestamp": stamp,
             "X-MLflow-Signature": _generate_hmac_signature(secret, delivery, stamp, body),
         }
-        return body, headers  # fmt: skip
+        return body, headers
 
     body, headers = signed(secret="wrong")
     assert (await client.post("/admin/webhooks/mlflow", data=body, headers=headers)).status == 401
@@ -281,8 +314,10 @@ async def test_config_file_hot_reload(aiohttp_client, registry, cache_dir, tmp_p
         return {m["name"]: m["version"] for m in listing["models"]}
 
     assert await until(lambda: _eq(names, {"a": 1}))
-    write('[[models]]\nname = "a"\nuri = "models:/iris/1"\n[[models]]\nname = "b"\n'
-          'uri = "models:/iris/3"\n')  # fmt: skip
+    write(
+        '[[models]]\nname = "a"\nuri = "models:/iris/1"\n[[models]]\nname = "b"\n'
+        'uri = "models:/iris/3"\n'
+    )
     assert await until(lambda: _eq(names, {"a": 1, "b": 3}))
     write('[[models]]\nname = "b"\nuri = "models:/iris/2"\n')  # remove a, change b
     assert await until(lambda: _eq(names, {"b": 2}))
@@ -304,8 +339,10 @@ async def test_local_model_directory_reload(aiohttp_client, registry, cache_dir,
 
     local = tmp_path / "local-model"
     shutil.copytree(registry.models["const1"], local)
-    client = await start(aiohttp_client, make_config(registry, cache_dir, f"loc={local}",
-                                                     registry__poll_interval_s=3600))  # fmt: skip
+    client = await start(
+        aiohttp_client,
+        make_config(registry, cache_dir, f"loc={local}", registry__poll_interval_s=3600),
+    )
     payload = split_payload(iris_frame(1))
 
     async def answer():
@@ -331,8 +368,9 @@ async def test_tag_edits_show_without_reload_and_retry_a_rejected_version(
     c = registry.client()
     name = "taggy"
     register(c, name, registry.models["const1"])
-    config = make_config(registry, cache_dir, f"models:/{name}/latest",
-                         registry__poll_interval_s=POLL_S)  # fmt: skip
+    config = make_config(
+        registry, cache_dir, f"models:/{name}/latest", registry__poll_interval_s=POLL_S
+    )
     client = await start(aiohttp_client, config)
     c.set_model_version_tag(name, "1", "owner", "team-a")
     c.update_model_version(name, "1", description="first cut")
@@ -368,8 +406,9 @@ async def test_warmup_payload_and_memory_swap(aiohttp_client, registry, cache_di
     name = "lean"
     register(c, name, registry.models["const1"])
     good = json.dumps(split_payload(iris_frame(1)))
-    config = make_config(registry, cache_dir, f"models:/{name}/latest",
-                         registry__poll_interval_s=POLL_S)  # fmt: skip
+    config = make_config(
+        registry, cache_dir, f"models:/{name}/latest", registry__poll_interval_s=POLL_S
+    )
     from dataclasses import replace
 
     model = replace(config.models[0], swap="memory", warmup_payload=good)

@@ -132,22 +132,56 @@ BAD_INPUTS = [
     ("empty body", "/invocations", b"", "application/json", 400),
     ("whitespace body", "/invocations", b"   \n", "application/json", 400),
     ("no format key", "/invocations", b'{"data": [[1,2,3,4]]}', "application/json", 400),
-    ("two format keys", "/invocations",
-     b'{"inputs": [[1,2,3,4]], "instances": [[1,2,3,4]]}', "application/json", 400),
-    ("params not object", "/invocations", b'{"inputs": [[1,2,3,4]], "params": [1]}',
-     "application/json", 400),
-    ("missing columns", "/invocations",
-     b'{"dataframe_split": {"columns": ["sepal length (cm)"], "data": [[1.0]]}}',
-     "application/json", 400),
-    ("wrong types", "/invocations", json.dumps({"dataframe_records": [
-        dict.fromkeys(IRIS_COLUMNS, "abc")]}).encode(), "application/json", 400),
-    ("split without data", "/invocations", b'{"dataframe_split": {"columns": ["a"]}}',
-     "application/json", 400),
+    (
+        "two format keys",
+        "/invocations",
+        b'{"inputs": [[1,2,3,4]], "instances": [[1,2,3,4]]}',
+        "application/json",
+        400,
+    ),
+    (
+        "params not object",
+        "/invocations",
+        b'{"inputs": [[1,2,3,4]], "params": [1]}',
+        "application/json",
+        400,
+    ),
+    (
+        "missing columns",
+        "/invocations",
+        b'{"dataframe_split": {"columns": ["sepal length (cm)"], "data": [[1.0]]}}',
+        "application/json",
+        400,
+    ),
+    (
+        "wrong types",
+        "/invocations",
+        json.dumps({"dataframe_records": [dict.fromkeys(IRIS_COLUMNS, "abc")]}).encode(),
+        "application/json",
+        400,
+    ),
+    (
+        "split without data",
+        "/invocations",
+        b'{"dataframe_split": {"columns": ["a"]}}',
+        "application/json",
+        400,
+    ),
     ("records not a list", "/invocations", b'{"dataframe_records": 5}', "application/json", 400),
-    ("ragged instances", "/invocations", b'{"instances": [[1,2],[1,2,3]]}',
-     "application/json", 400),
-    ("deep nesting", "/invocations", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-     "application/json", 400),
+    (
+        "ragged instances",
+        "/invocations",
+        b'{"instances": [[1,2],[1,2,3]]}',
+        "application/json",
+        400,
+    ),
+    (
+        "deep nesting",
+        "/invocations",
+        b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "application/json",
+        400,
+    ),
     ("invalid utf-8 json", "/invocations", b'{"inputs": "\xff\xfe"}', "application/json", 400),
     ("invalid utf-8 csv", "/invocations", b"a,b\n\xff,\xfe\n", "text/csv", 400),
     ("empty csv", "/invocations", b"", "text/csv", 400),
@@ -159,16 +193,26 @@ BAD_INPUTS = [
     ("bad charset", "/invocations", b"{}", "application/json; charset=latin-1", 415),
     ("old protocol param", "/invocations", b"{}", "application/json; format=pandas-split", 415),
     ("malformed content type", "/invocations", b"{}", "json", 415),
-    ("unknown model", "/models/nope/invocations", b'{"inputs": [[1,2,3,4]]}',
-     "application/json", 404),
+    (
+        "unknown model",
+        "/models/nope/invocations",
+        b'{"inputs": [[1,2,3,4]]}',
+        "application/json",
+        404,
+    ),
     ("traversal model name", "/models/..%2F..%2Fetc/invocations", b"{}", "application/json", 404),
     ("unknown path", "/no/such/path", b"{}", "application/json", 404),
     ("GET invocations", "/invocations", None, None, 405),
-    ("oversized body", "/invocations", b'{"inputs": "' + b"x" * 3_000_000 + b'"}',
-     "application/json", 413),
+    (
+        "oversized body",
+        "/invocations",
+        b'{"inputs": "' + b"x" * 3_000_000 + b'"}',
+        "application/json",
+        413,
+    ),
     ("nan literal", "/invocations", b'{"inputs": [[NaN, 1, 2, 3]]}', "application/json", 400),
     ("huge number", "/invocations", b'{"inputs": [[1e999999, 1, 2, 3]]}', "application/json", 400),
-]  # fmt: skip
+]
 
 
 async def test_bad_inputs_get_4xx_json_and_server_keeps_serving(
@@ -184,8 +228,9 @@ async def test_bad_inputs_get_4xx_json_and_server_keeps_serving(
         if body is None:
             resp = await client.get(path)
         else:
-            resp = await client.post(path, data=body, headers=headers,
-                                     skip_auto_headers=["Content-Type"])  # fmt: skip
+            resp = await client.post(
+                path, data=body, headers=headers, skip_auto_headers=["Content-Type"]
+            )
         text = await resp.text()
         assert resp.status == status, (description, resp.status, text[:300])
         payload = json.loads(text)

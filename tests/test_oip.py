@@ -14,8 +14,9 @@ from tests.test_http import make_config, start
 
 @pytest.fixture
 async def server(aiohttp_client, registry, cache_dir):
-    config = make_config(registry, cache_dir, "models:/iris/Production",
-                         f"real={registry.models['iris']}")  # fmt: skip
+    config = make_config(
+        registry, cache_dir, "models:/iris/Production", f"real={registry.models['iris']}"
+    )
     return await start(aiohttp_client, config)
 
 
@@ -67,27 +68,44 @@ async def test_tritonclient_health_metadata_and_infer(server, registry):
         ("/v2/models/real/infer", b"not json", 400),
         ("/v2/models/real/infer", b"{}", 400),
         ("/v2/models/real/infer", b'{"inputs": []}', 400),
-        ("/v2/models/real/infer", b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP64",'
-         b' "data": [1]}]}', 400),
-        ("/v2/models/real/infer", b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP99",'
-         b' "data": [1]}]}', 400),
-        ("/v2/models/real/infer", b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP64",'
-         b' "data": [1]}]}', 400),
-        ("/v2/models/real/infer", b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": '
-         b'"FP64", "data": ["a", "b", "c", "d"]}]}', 400),
-        ("/v2/models/real/infer", b'{"inputs": [{"name": "sepal length (cm)", "shape": [1], '
-         b'"datatype": "FP64", "data": [1.0]}]}', 400),  # missing columns: schema refuses
+        (
+            "/v2/models/real/infer",
+            b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP64", "data": [1]}]}',
+            400,
+        ),
+        (
+            "/v2/models/real/infer",
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP99", "data": [1]}]}',
+            400,
+        ),
+        (
+            "/v2/models/real/infer",
+            b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP64", "data": [1]}]}',
+            400,
+        ),
+        (
+            "/v2/models/real/infer",
+            b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": '
+            b'"FP64", "data": ["a", "b", "c", "d"]}]}',
+            400,
+        ),
+        (
+            "/v2/models/real/infer",
+            b'{"inputs": [{"name": "sepal length (cm)", "shape": [1], '
+            b'"datatype": "FP64", "data": [1.0]}]}',
+            400,
+        ),  # missing columns: schema refuses
         ("/v2/models/nope/infer", b"{}", 404),
         ("/v2/models/iris/versions/1/infer", b"{}", 404),
     ],
-)  # fmt: skip
+)
 async def test_bad_infer_requests_get_protocol_errors(server, path, body, status):
     resp = await server.post(path, data=body, headers={"Content-Type": "application/json"})
     assert resp.status == status, await resp.text()
     payload = await resp.json()
     assert set(payload) == {"error"} and payload["error"]
-    ok = await server.post("/v2/models/real/infer", json={"inputs": [
-        {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]})  # fmt: skip
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
+    ok = await server.post("/v2/models/real/infer", json={"inputs": [x]})
     assert ok.status == 200
 
 

@@ -21,8 +21,11 @@ async def test_outage_keeps_serving_then_catches_up_and_restarts_offline(
     register(c, name, registry.models["const1"], stage="Production")
     server = MlflowServer(registry.db, tmp_path / "art", tmp_path / "server.log")
     server.start()
-    overrides = {"registry__tracking_uri": server.url, "registry__registry_uri": server.url,
-                 "registry__poll_interval_s": POLL_S}  # fmt: skip
+    overrides = {
+        "registry__tracking_uri": server.url,
+        "registry__registry_uri": server.url,
+        "registry__poll_interval_s": POLL_S,
+    }
     config = make_config(registry, cache_dir, f"models:/{name}/Production", **overrides)
     client = await start(aiohttp_client, config)
     payload = split_payload(iris_frame(1))
@@ -112,8 +115,12 @@ def test_live_model_raises_the_real_error(registry, cache_dir):
     import loader
 
     with pytest.raises(loader.ModelNotFound, match="nobody"):
-        loader.LiveModel("models:/iris@nobody", cache_dir=cache_dir, tracking_uri=registry.uri,
-                         registry_uri=registry.uri)  # fmt: skip
+        loader.LiveModel(
+            "models:/iris@nobody",
+            cache_dir=cache_dir,
+            tracking_uri=registry.uri,
+            registry_uri=registry.uri,
+        )
 
 
 def rss_mb() -> float:

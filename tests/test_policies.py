@@ -51,8 +51,16 @@ def test_rejection_backoff_table(registry, cache_dir, tmp_path):
     manager = ModelManager(source, retry_base_s=30, retry_max_s=100, clock=lambda: now[0])
     manager.add("b", "models:/backoff/latest")
     expected = [  # (seconds later, attempts after the refresh)
-        (0, 1), (10, 1), (29, 1), (31, 2), (60, 2), (92, 3), (150, 3), (193, 4), (294, 5),
-    ]  # fmt: skip
+        (0, 1),
+        (10, 1),
+        (29, 1),
+        (31, 2),
+        (60, 2),
+        (92, 3),
+        (150, 3),
+        (193, 4),
+        (294, 5),
+    ]
     start = now[0]
     for later, attempts in expected:
         now[0] = start + later

@@ -144,8 +144,15 @@ def test_backend_refusing_in_filter_falls_back_to_per_model_calls(registry, capl
             return super().search_registered_models(filter_string, *args, **kwargs)
 
     reg = Registry(NoInFilter(tracking_uri=registry.uri, registry_uri=registry.uri))
-    refs = [parse_uri(u) for u in ("models:/iris/Production", "models:/iris@champion",
-                                   "models:/bad-deps/latest", "models:/nope/latest")]  # fmt: skip
+    refs = [
+        parse_uri(u)
+        for u in (
+            "models:/iris/Production",
+            "models:/iris@champion",
+            "models:/bad-deps/latest",
+            "models:/nope/latest",
+        )
+    ]
     for _ in range(2):
         out = reg.resolve_many(refs)
         assert [getattr(out[r], "version", None) for r in refs[:3]] == [2, 1, 1]

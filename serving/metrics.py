@@ -1,0 +1,178 @@
+"""Prometheus metrics (prometheus-client), one registry per app (no globals).
+
+Request metrics come from a middleware; lifecycle metrics from the manager's observer events;
+cache, model info and dependency figures are read at scrape time (in the load executor: the
+cache index is on disk).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+if TYPE_CHECKING:
+    from serving.app import Daemon
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+PREDICT_PREFIXES = ("/invocations", "/models/", "/v2/models/")
+
+
+class Metrics:
+    """Every metric modeld exports."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "modeld_requests",
+            "Prediction requests by model, version and HTTP status",
+            ["model", "version", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "modeld_request_duration_seconds",
+            "Prediction request latency",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "modeld_requests_in_flight", "Prediction requests being answered", ["model"], registry=r
+        )
+        self.batch_size = Histogram(
+            "modeld_batch_size",
+            "Requests answered by one predict call",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.swaps = Counter(
+            "modeld_swaps",
+            "Version swaps by outcome (swapped, rejected) and rejection step",
+            ["model", "outcome", "reason"],
+            registry=r,
+        )
+        self.load = Histogram(
+            "modeld_load_duration_seconds",
+            "Model load time",
+            ["model"],
+            buckets=LOAD_BUCKETS_S,
+            registry=r,
+        )
+        self.warmup = Histogram(
+            "modeld_warmup_duration_seconds",
+            "Warm-up prediction time",
+            ["model"],
+            buckets=LOAD_BUCKETS_S,
+            registry=r,
+        )
+        self.poll = Histogram(
+            "modeld_registry_poll_duration_seconds",
+            "Registry poll latency",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.poll_failures = Counter(
+            "modeld_registry_poll_failures", "Polls that found the registry unreachable", registry=r
+        )
+        r.register(_StateCollector(daemon))
+
+    def observe(self, event: str, fields: dict[str, Any]) -> None:
+        """The ModelManager's observer (runs on the load thread)."""
+        if event == "swap":
+            self.swaps.labels(fields["route"], "swapped", "").inc()
+            self.load.labels(fields["route"]).observe(fields["load_s"])
+            self.warmup.labels(fields["route"]).observe(fields["warmup_s"])
+        elif event == "reject":
+            self.swaps.labels(fields["route"], "rejected", fields["step"]).inc()
+        elif event == "poll":
+            self.poll.observe(fields["seconds"])
+            if not fields["ok"]:
+                self.poll_failures.inc()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        path = request.path
+        if request.method != "POST" or not path.startswith(PREDICT_PREFIXES):
+            return await handler(request)
+        model = request.match_info.get("name") or self.daemon.config.default_model or "default"
+        gauge = self.in_flight.labels(model)
+        gauge.inc()
+        started = time.perf_counter()
+        status, version = 500, ""
+        try:
+            response = await handler(request)
+            status = response.status
+            version = response.headers.get("X-Model-Version", "")
+            model = response.headers.get("X-Model-Route", model)
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            gauge.dec()
+            self.latency.labels(model).observe(time.perf_counter() - started)
+            self.requests.labels(model, version, str(status)).inc()
+
+
+class _StateCollector:
+    """Figures read at scrape time from the manager and the cache."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        manager = self.daemon.manager
+        if manager is None:
+            return
+        info = InfoMetricFamily(
+            "modeld_model",
+            "The version each route serves",
+            labels=["route", "ref", "version", "stale"],
+        )
+        mismatches = GaugeMetricFamily(
+            "modeld_dependency_mismatches",
+            "Unmet requirements of the served version",
+            labels=["model"],
+        )
+        for route in manager.routes():
+            handle = route.handle
+            if handle is None:
+                continue
+            info.add_metric(
+                [route.name, route.ref.uri, str(handle.version.version), str(handle.stale).lower()],
+                {},
+            )
+            mismatches.add_metric([route.name], len(handle.prepared.report.mismatches))
+        yield info
+        yield mismatches
+        up = GaugeMetricFamily(
+            "modeld_registry_reachable", "1 when the last poll reached the registry"
+        )
+        up.add_metric([], 0 if manager.registry_down_since is not None else 1)
+        yield up
+        cache = manager.source.cache
+        entries = cache.entries()
+        yield GaugeMetricFamily(
+            "modeld_cache_bytes", "Bytes in the disk cache", value=sum(e["bytes"] for e in entries)
+        )
+        yield GaugeMetricFamily(
+            "modeld_cache_entries", "Model versions in the disk cache", value=len(entries)
+        )
+        for name, value in (
+            ("hits", cache.stats.hits),
+            ("misses", cache.stats.misses),
+            ("evictions", cache.stats.evictions),
+        ):
+            yield CounterMetricFamily(f"modeld_cache_{name}", f"Disk cache {name}", value=value)

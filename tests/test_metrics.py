@@ -1,0 +1,65 @@
+"""/metrics in Prometheus format, parsed with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import iris_frame
+from tests.test_http import make_config, split_payload, start
+
+
+def samples(text):
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(found, name, **labels):
+    return found.get((name, tuple(sorted(labels.items()))))
+
+
+async def test_metrics_cover_requests_swaps_cache_and_models(aiohttp_client, registry, cache_dir):
+    client = await start(aiohttp_client, make_config(registry, cache_dir, "models:/iris/2"))
+    for _ in range(3):
+        assert (await client.post("/invocations", json=split_payload(iris_frame(1)))).status == 200
+    assert (await client.post("/invocations", json={"nope": 1})).status == 400
+    resp = await client.get("/metrics")
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    found = samples(await resp.text())
+    assert value(found, "modeld_requests_total", model="iris", version="2", status="200") == 3
+    assert value(found, "modeld_requests_total", model="iris", version="", status="400") == 1
+    assert value(found, "modeld_request_duration_seconds_count", model="iris") == 4
+    assert value(found, "modeld_requests_in_flight", model="iris") == 0
+    assert value(found, "modeld_batch_size_count", model="iris") == 3
+    assert value(found, "modeld_swaps_total", model="iris", outcome="swapped", reason="") == 1
+    assert value(found, "modeld_load_duration_seconds_count", model="iris") == 1
+    assert value(found, "modeld_warmup_duration_seconds_count", model="iris") == 1
+    assert value(found, "modeld_registry_poll_duration_seconds_count") >= 1
+    assert value(found, "modeld_registry_reachable") == 1
+    assert value(found, "modeld_cache_entries") == 1 and value(found, "modeld_cache_bytes") > 0
+    assert value(found, "modeld_cache_misses_total") == 1
+    assert value(found, "modeld_dependency_mismatches", model="iris") == 0
+    info = value(
+        found, "modeld_model_info", route="iris", ref="models:/iris/2", version="2", stale="false"
+    )
+    assert info == 1
+
+
+def test_json_log_lines(capsys):
+    import json
+    import logging
+
+    from serving.logsetup import setup_logging
+
+    setup_logging("INFO", "json")
+    try:
+        logging.getLogger("loader.manager").info("iris: swapped %s -> %s", "iris@1", "iris@2")
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        entry = json.loads(line)
+        assert entry["msg"] == "iris: swapped iris@1 -> iris@2"
+        assert entry["level"] == "INFO" and entry["logger"] == "loader.manager" and entry["ts"]
+    finally:
+        logging.getLogger().handlers[:] = []
+        logging.captureWarnings(False)
