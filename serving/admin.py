@@ -21,7 +21,7 @@ from aiohttp import web
 
 from serving.app import DAEMON, Daemon
 from serving.errors import envelope
-from serving.handlers import json_response
+from serving.handlers import bearer_matches, json_response
 
 log = logging.getLogger(__name__)
 WEBHOOK_PATH = "/admin/webhooks/mlflow"
@@ -45,11 +45,7 @@ def _authorized(request: web.Request) -> Daemon:
     daemon = request.app[DAEMON]
     token = daemon.config.admin.bearer
     if token:
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
+        if not bearer_matches(request, token):
             raise web.HTTPUnauthorized(
                 text="admin routes need 'Authorization: Bearer <admin.token>'",
                 headers={"WWW-Authenticate": "Bearer"},

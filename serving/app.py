@@ -202,7 +202,12 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
     daemon = Daemon(config, reload=reload)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[daemon.metrics.middleware, error_middleware, oip.oip_errors],
+        middlewares=[
+            daemon.metrics.middleware,
+            error_middleware,
+            oip.oip_errors,
+            handlers.prediction_auth,
+        ],
     )
     app[DAEMON] = daemon
 

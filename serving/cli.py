@@ -59,6 +59,11 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds between registry polls (default 10)",
     )
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
+    parser.add_argument(
+        "--unix-socket", metavar="PATH", help="listen on this Unix domain socket instead of TCP"
+    )
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON")
 
@@ -69,6 +74,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "server.port": args.port,
         "server.log_level": args.log_level,
         "server.log_format": args.log_format,
+        "server.ssl_certfile": args.ssl_certfile,
+        "server.ssl_keyfile": args.ssl_keyfile,
+        "server.unix_socket": args.unix_socket,
         "cache.dir": args.cache_dir,
         "dependencies.policy": args.dependency_policy,
         "registry.poll_interval_s": args.poll_interval,
@@ -111,19 +119,31 @@ def serve(
 
     setup_logging(config.server.log_level, config.server.log_format)
     app = create_app(config, reload=reload)
-    host, port = config.server.host, config.server.port
+    server = config.server
+    ssl_context = None
+    if server.ssl_certfile:
+        import ssl
+
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(server.ssl_certfile, server.ssl_keyfile)
+    if server.unix_socket:
+        where = {"path": server.unix_socket}
+        address = f"unix:{server.unix_socket}"
+    else:
+        where = {"host": server.host, "port": server.port}
+        address = f"{'https' if ssl_context else 'http'}://{server.host}:{server.port}"
 
     async def announce(_: web.Application) -> None:
         routes = ", ".join(f"{m.name}={m.uri}" for m in config.models)
-        log.info("modeld listening on http://%s:%d serving %s", host, port, routes)
+        log.info("modeld listening on %s serving %s", address, routes)
         if banner:
             print(banner, flush=True)
 
     app.on_startup.append(announce)
     web.run_app(
         app,
-        host=host,
-        port=port,
+        **where,
+        ssl_context=ssl_context,
         shutdown_timeout=config.server.drain_timeout_s,
         access_log=None,
         print=None,

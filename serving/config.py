@@ -42,6 +42,16 @@ class ServerConfig:
     max_batch_delay_ms: float = 0.0
     log_level: str = "INFO"
     log_format: str = "text"
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    unix_socket: str = ""
+
+    @property
+    def bearer(self) -> str:
+        """The prediction token: ``token``, else the first line of ``token_file``."""
+        return _secret(self.token, self.token_file)
 
 
 @dataclass(frozen=True)
@@ -76,11 +86,15 @@ class AdminConfig:
     @property
     def bearer(self) -> str:
         """The admin token: ``token``, else the first line of ``token_file``."""
-        if self.token:
-            return self.token
-        if self.token_file:
-            return Path(self.token_file).read_text(encoding="utf-8").strip()
-        return ""
+        return _secret(self.token, self.token_file)
+
+
+def _secret(value: str, path: str) -> str:
+    if value:
+        return value
+    if path:
+        return Path(path).read_text(encoding="utf-8").strip()
+    return ""
 
 
 @dataclass(frozen=True)
@@ -210,7 +224,8 @@ def _build(cls: type, section: str, values: dict[str, Any], problems: list[str])
             expected = type(default).__name__ if default is not dataclasses.MISSING else "value"
             if isinstance(default, tuple):
                 expected = "a list of strings"
-            problems.append(f"{section}.{key} = {value!r}: expected {expected}")
+            shown = "<hidden>" if key in ("token", "webhook_secret") else repr(value)
+            problems.append(f"{section}.{key} = {shown}: expected {expected}")
             continue
         if isinstance(default, tuple):
             value = tuple(value)
@@ -321,13 +336,21 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(
             f"registry.poll_interval_s = {config.registry.poll_interval_s}: expected > 0"
         )
+    for where, holder in (("server", s), ("admin", config.admin)):
+        if holder.token_file and not holder.token:
+            try:
+                if not holder.bearer:
+                    problems.append(
+                        f"{where}.token_file = {holder.token_file!r}: the file is empty"
+                    )
+            except OSError as exc:
+                problems.append(f"{where}.token_file = {holder.token_file!r}: cannot read ({exc})")
+    if bool(s.ssl_certfile) != bool(s.ssl_keyfile):
+        problems.append("server.ssl_certfile and server.ssl_keyfile: give both or neither")
+    for key in ("ssl_certfile", "ssl_keyfile"):
+        if getattr(s, key) and not Path(getattr(s, key)).is_file():
+            problems.append(f"server.{key} = {getattr(s, key)!r}: no such file")
     admin = config.admin
-    if admin.token_file and not admin.token:
-        try:
-            if not admin.bearer:
-                problems.append(f"admin.token_file = {admin.token_file!r}: the file is empty")
-        except OSError as exc:
-            problems.append(f"admin.token_file = {admin.token_file!r}: cannot read ({exc})")
     if admin.webhook_max_age_s <= 0:
         problems.append(f"admin.webhook_max_age_s = {admin.webhook_max_age_s}: expected > 0")
     if config.cache.max_bytes < 0:

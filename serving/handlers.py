@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from typing import Any
 
 import orjson
@@ -29,6 +30,30 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/models/{name}", get_model)
     app.router.add_post("/models/{name}/invocations", model_invocations)
     app.router.add_get("/metrics", metrics)
+
+
+PROTECTED_POSTS = ("/invocations", "/models/", "/v2/models/")
+
+
+@web.middleware
+async def prediction_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    """``server.token`` guards prediction routes (probes, status and metrics stay open)."""
+    if request.method == "POST" and request.path.startswith(PROTECTED_POSTS):
+        token = request.app[DAEMON].config.server.bearer
+        if token and not bearer_matches(request, token):
+            raise web.HTTPUnauthorized(
+                text="prediction routes need 'Authorization: Bearer <server.token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    return await handler(request)
+
+
+def bearer_matches(request: web.Request, token: str) -> bool:
+    """Constant-time check of ``Authorization: Bearer <token>``."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    )
 
 
 def _daemon(request: web.Request) -> Daemon:
