@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and exit (2 when bad)")
     check.add_argument("config", help="TOML config file")
+
+    from serving import ops
+
+    ops.add_commands(sub)
     return parser
 
 
@@ -97,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.config)
+    if args.command in ("pull", "resolve", "check", "cache"):
+        from serving import ops
+
+        return ops.run(args)
     if args.command == "demo":
         from serving.demo import run_demo
 

@@ -1,0 +1,236 @@
+"""Operator commands: ``modeld pull | resolve | check | cache ls|verify|gc``.
+
+For init containers and image baking (``pull`` fills the cache), and for people at a terminal.
+Exit codes: 0 done, 1 the operation failed (or ``check`` found what strict would refuse),
+2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loader.errors import LoaderError
+
+PROGRESS_MIN_BYTES = 5 * 1024 * 1024
+
+
+def add_commands(sub: Any) -> None:
+    pull = sub.add_parser("pull", help="download models into the cache (init containers)")
+    pull.add_argument("uris", nargs="+", metavar="URI")
+    _common(pull)
+    resolve = sub.add_parser("resolve", help="print which version a ref names now")
+    resolve.add_argument("uri", metavar="URI")
+    _common(resolve)
+    check = sub.add_parser("check", help="dependency report; exit 1 when strict would refuse")
+    check.add_argument("uri", metavar="URI")
+    _common(check)
+    cache = sub.add_parser("cache", help="inspect or tidy the disk cache")
+    cache.add_argument("action", choices=("ls", "verify", "gc"))
+    cache.add_argument("--max-bytes", type=int, help="gc: evict down to this size")
+    _common(cache)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config: registry, cache and dependency settings")
+    parser.add_argument(
+        "--cache-dir", help="disk cache (default $MODELD_CACHE_DIR or ~/.cache/modeld)"
+    )
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--registry-uri", help="MLflow registry URI (default: the tracking URI)")
+    parser.add_argument("--dependency-policy", choices=("strict", "warn", "ignore"))
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.config import ConfigProblems, load_config
+
+    try:
+        config = load_config(
+            args.config,
+            overrides={
+                "cache.dir": args.cache_dir,
+                "registry.tracking_uri": args.tracking_uri,
+                "registry.registry_uri": args.registry_uri,
+                "dependencies.policy": args.dependency_policy,
+            },
+        )
+    except ConfigProblems as exc:
+        print(f"modeld: {exc}", file=sys.stderr)
+        return 2
+    from loader.api import make_source
+
+    try:
+        source = make_source(
+            cache_dir=config.cache.dir or None,
+            tracking_uri=config.registry.tracking_uri or None,
+            registry_uri=config.registry.registry_uri or None,
+            dependency_policy=config.dependencies.policy,  # type: ignore[arg-type]
+            dependency_match=config.dependencies.match,  # type: ignore[arg-type]
+            dependency_ignore=config.dependencies.ignore,
+            max_cache_bytes=config.cache.max_bytes or None,
+        )
+        return {"pull": _pull, "resolve": _resolve, "check": _check, "cache": _cache}[args.command](
+            source, args
+        )
+    except LoaderError as exc:
+        print(f"modeld {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        print(orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(text)
+
+
+def _pull(source: Any, args: argparse.Namespace) -> int:
+    from loader.uri import parse_uri
+
+    failed = 0
+    for uri in args.uris:
+        try:
+            version = source.resolve(parse_uri(uri)).version
+            with _Progress(source.cache.root / "tmp", version.label):
+                prepared = source.prepare(version)
+        except LoaderError as exc:
+            print(f"modeld pull: {uri}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        size = sum(p.stat().st_size for p in prepared.path.rglob("*") if p.is_file())
+        how = "downloaded" if prepared.downloaded else "already cached"
+        _print(
+            args,
+            {
+                "uri": uri,
+                "version": version.to_dict(),
+                "path": str(prepared.path),
+                "bytes": size,
+                "downloaded": prepared.downloaded,
+                "dependency_report": prepared.report.to_dict(),
+            },
+            f"{uri} -> {version.label} {how} ({size} bytes) at {prepared.path}",
+        )
+        for mismatch in prepared.report.mismatches:
+            print(f"  warning: {mismatch}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _resolve(source: Any, args: argparse.Namespace) -> int:
+    from loader.uri import parse_uri
+
+    resolution = source.resolve(parse_uri(args.uri))
+    v = resolution.version
+    stale = " (stale: registry unreachable, from the cache's memory)" if resolution.stale else ""
+    aliases = f", aliases {', '.join(v.aliases)}" if v.aliases else ""
+    _print(
+        args,
+        {**v.to_dict(), "stale": resolution.stale},
+        f"{args.uri} -> {v.label} (stage {v.stage}{aliases}, run {v.run_id}, source {v.source})"
+        f"{stale}",
+    )
+    return 0
+
+
+def _check(source: Any, args: argparse.Namespace) -> int:
+    from loader.deps import DependencyPolicy, check_model_dir
+    from loader.uri import parse_uri
+
+    version = source.resolve(parse_uri(args.uri)).version
+    if version.local_path:
+        path = Path(version.local_path)
+    else:
+        from loader.registry import METADATA_FILES
+
+        path = source.cache.fetch_metadata(
+            version, lambda dst: source.registry.download(version, dst, files=METADATA_FILES)
+        ).path
+    strict = DependencyPolicy("strict", source.policy.match, source.policy.ignore)
+    report = check_model_dir(path, strict)
+    lines = [f"{version.label}: {len(report.checked)} requirements checked"]
+    lines += [f"  {m}" for m in report.mismatches] or ["  all satisfied"]
+    _print(args, {"version": version.label, **report.to_dict()}, "\n".join(lines))
+    return 0 if report.ok else 1
+
+
+def _cache(source: Any, args: argparse.Namespace) -> int:
+    cache = source.cache
+    if args.action == "ls":
+        entries = sorted(cache.entries(), key=lambda e: e["last_used"], reverse=True)
+        rows = [
+            f"{e['version']['name']}@{e['version']['version']}  {e['bytes']:>12}  "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e['last_used']))}  "
+            f"{'pinned  ' if e['pinned'] else ''}{e['path']}"
+            for e in entries
+        ]
+        total = sum(e["bytes"] for e in entries)
+        _print(args, entries, "\n".join([*rows, f"{len(entries)} entries, {total} bytes"]))
+        return 0
+    if args.action == "verify":
+        report = cache.verify(full=True)
+        damaged = {k: v for k, v in report.items() if v}
+        lines = [f"{k}: {v} (discarded)" for k, v in damaged.items()]
+        _print(args, report, "\n".join([*lines, f"{len(report)} checked, {len(damaged)} damaged"]))
+        return 1 if damaged else 0
+    limit = args.max_bytes if args.max_bytes is not None else cache.max_bytes
+    if limit is None:
+        print("modeld cache gc: give --max-bytes or set cache.max_bytes", file=sys.stderr)
+        return 2
+    evicted = cache.evict(limit)
+    _print(args, evicted, "\n".join([*evicted, f"{len(evicted)} evicted"]))
+    return 0
+
+
+class _Progress:
+    """A progress line on stderr while a large download lands in the cache's tmp/."""
+
+    def __init__(self, tmp: Path, label: str) -> None:
+        self.tmp, self.label = tmp, label
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="modeld-progress", daemon=True)
+        self._shown = False
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._shown:
+            print(file=sys.stderr)
+
+    def _run(self) -> None:
+        prefix = f"{os.getpid()}."
+        while not self._stop.wait(0.5):
+            done = 0
+            for d in self.tmp.glob(f"*.{prefix}*"):
+                done += sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+            total = _expected_size(self.tmp.parent / "meta")
+            if done < PROGRESS_MIN_BYTES and not self._shown:
+                continue
+            self._shown = True
+            bar = ""
+            if total:
+                filled = int(30 * min(done, total) / total)
+                bar = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * done // total:>3}% "
+            print(f"\r{self.label}: {bar}{done / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
+
+
+def _expected_size(meta_root: Path) -> int | None:
+    """MLflow records ``model_size_bytes`` in MLmodel: the newest metadata entry has it."""
+    import yaml
+
+    try:
+        newest = max(meta_root.rglob("MLmodel"), key=lambda p: p.stat().st_mtime)
+        return int(yaml.safe_load(newest.read_text()).get("model_size_bytes") or 0) or None
+    except (ValueError, OSError, AttributeError, TypeError, yaml.YAMLError):
+        return None
