@@ -30,6 +30,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/models/{name}", get_model)
     app.router.add_post("/models/{name}/invocations", model_invocations)
     app.router.add_get("/metrics", metrics)
+    from serving.statuspage import status_page
+
+    app.router.add_get("/", status_page)
 
 
 PROTECTED_POSTS = ("/invocations", "/models/", "/v2/models/")

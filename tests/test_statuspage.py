@@ -1,0 +1,112 @@
+"""The status page in a real headless browser (Debian's chromium + chromedriver, via selenium)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+
+import pytest
+
+from tests.helpers import register
+from tests.test_follow import POLL_S, until
+from tests.test_http import make_config, start
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def browser(tmp_path):
+    if not (CHROMIUM and DRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium and chromium-driver (see .ci/run)")
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install both)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1200,1400",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
+async def test_status_page_renders_models_rejections_cache_and_registry(
+    aiohttp_client, registry, cache_dir, tmp_path
+):
+    import shutil as sh
+
+    c = registry.client()
+    broken = tmp_path / "broken"
+    sh.copytree(registry.models["const2"], broken)
+    next(broken.glob("model.*")).unlink()
+    register(c, "paged", registry.models["const1"])
+    config = make_config(
+        registry,
+        cache_dir,
+        "models:/iris/Production",
+        "paged=models:/paged/latest",
+        registry__poll_interval_s=POLL_S,
+    )
+    client = await start(aiohttp_client, config)
+    register(c, "paged", broken)
+
+    async def rejected():
+        return (await (await client.get("/models/paged")).json())["rejected"]
+
+    assert await until(rejected)
+    url = f"http://127.0.0.1:{client.server.port}/"
+    shot = tmp_path / "status.png"
+
+    def look():
+        from selenium.webdriver.common.by import By
+
+        driver = browser(tmp_path)
+        try:
+            driver.get(url)
+            seen = {"title": driver.title}
+            for name in ("iris", "paged"):
+                section = driver.find_element(By.CSS_SELECTOR, f'section[data-model="{name}"]')
+                assert section.is_displayed() and section.size["height"] > 50
+                seen[name] = {
+                    "version": section.find_element(By.CSS_SELECTOR, ".version").text,
+                    "state": section.find_element(By.CSS_SELECTOR, ".state").text,
+                    "text": section.text,
+                    "border": section.value_of_css_property("border-left-color"),
+                    "colour": section.value_of_css_property("color"),
+                }
+            rejected_item = driver.find_element(By.CSS_SELECTOR, "ul.rejected li")
+            seen["rejected_visible"] = rejected_item.is_displayed()
+            seen["summary"] = driver.find_element(By.CSS_SELECTOR, ".summary").text
+            seen["external"] = driver.execute_script(
+                "return [...document.querySelectorAll('[src],[href]')].map(e => e.src || e.href)"
+            )
+            driver.save_screenshot(str(shot))
+            return seen
+        finally:
+            driver.quit()
+
+    seen = await asyncio.to_thread(look)
+    assert seen["title"] == "modeld · 2 models"
+    assert seen["iris"]["version"].startswith("v2") and "Production" in seen["iris"]["version"]
+    assert seen["iris"]["state"] == "loaded"
+    assert seen["paged"]["version"].startswith("v1")
+    # a served model whose newer version was rejected is flagged, unlike a clean one
+    assert seen["iris"]["border"] != seen["paged"]["border"]
+    assert seen["iris"]["colour"] == seen["paged"]["colour"]  # body text stays neutral
+    assert "v2 at load" in seen["paged"]["text"] and seen["rejected_visible"]
+    assert "reachable" in seen["summary"] and "3 versions" in seen["summary"]  # broken one too
+    assert seen["external"] == []  # self-contained: no external assets
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("MODELD_KEEP_SHOT"):  # to look at it: MODELD_KEEP_SHOT=/path/shot.png
+        sh.copy(shot, os.environ["MODELD_KEEP_SHOT"])
