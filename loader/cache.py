@@ -75,6 +75,8 @@ class ModelCache:
         max_bytes: size limit; least-recently-used entries are evicted past it, never one that
             is pinned or held by :meth:`lease` in any process.
         lock_timeout_s: how long to wait for another process downloading the same key.
+        observer: called as ``observer(event)`` for ``"hit"``, ``"miss"`` and ``"eviction"``
+            (the daemon counts them in its metrics, across worker processes).
 
     Raises:
         CacheError: the root cannot be created or the index cannot be opened.
@@ -86,7 +88,9 @@ class ModelCache:
         *,
         max_bytes: int | None = None,
         lock_timeout_s: float = LOCK_TIMEOUT_S,
+        observer: Callable[[str], None] | None = None,
     ) -> None:
+        self.observer = observer
         if max_bytes is not None and max_bytes < 0:
             raise ConfigError("cache.max_bytes", max_bytes, "a size in bytes >= 0")
         self.root = Path(root).expanduser().resolve()
@@ -106,6 +110,14 @@ class ModelCache:
 
     def close(self) -> None:
         self._index.close()
+
+    def _count(self, what: str) -> None:
+        setattr(self.stats, what, getattr(self.stats, what) + 1)
+        if self.observer is not None:
+            try:
+                self.observer(what)
+            except Exception:  # metrics must never break the cache
+                log.exception("cache observer failed on %s", what)
 
     # -- keys and paths -----------------------------------------------------------------------
 
@@ -160,7 +172,7 @@ class ModelCache:
         record["last_used"] = time.time()
         self._index.set(ikey, record)
         if not meta:
-            self.stats.hits += 1
+            self._count("hits")
         return CacheEntry(key=key, path=path, bytes=record["bytes"], downloaded=False)
 
     def _fetch(
@@ -184,7 +196,7 @@ class ModelCache:
                 return entry
             entry = self._download(key, version, download, meta=meta)
         if not meta:
-            self.stats.misses += 1
+            self._count("misses")
             self.evict()
         return entry
 
@@ -355,7 +367,7 @@ class ModelCache:
                 continue
             total -= entry["bytes"]
             evicted.append(entry["key"])
-            self.stats.evictions += 1
+            self._count("evictions")
             log.info("evicted %s from the cache (%d bytes)", entry["key"], entry["bytes"])
         return evicted
 

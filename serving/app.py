@@ -88,6 +88,7 @@ class Daemon:
             max_cache_bytes=c.cache.max_bytes or None,
             snapshots=c.cache.snapshots,
         )
+        source.cache.observer = self.metrics.cache_event
         manager = ModelManager(source, observer=self.metrics.observe)
         for model in c.models:
             manager.add(model.name, model.uri, **_route_options(model))

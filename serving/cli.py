@@ -63,6 +63,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds between registry polls (default 10)",
     )
+    parser.add_argument(
+        "--workers", type=int, help="serving processes sharing the port and the cache (default 1)"
+    )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     parser.add_argument(
@@ -77,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "server.host": args.host,
         "server.port": args.port,
         "server.log_level": args.log_level,
+        "server.workers": args.workers,
         "server.log_format": args.log_format,
         "server.ssl_certfile": args.ssl_certfile,
         "server.ssl_keyfile": args.ssl_keyfile,
@@ -114,6 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigProblems as exc:
         print(f"modeld: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from serving import workers
+
+    if config.server.workers > 1 and not workers.is_worker():
+        from serving.logsetup import setup_logging
+
+        setup_logging(config.server.log_level, config.server.log_format)
+        return workers.supervise(
+            list(argv if argv is not None else sys.argv[1:]),
+            config.server.workers,
+            drain_timeout_s=config.server.drain_timeout_s,
+        )
     return serve(config, reload=reloader(args))
 
 
@@ -138,7 +153,7 @@ def serve(
         where = {"path": server.unix_socket}
         address = f"unix:{server.unix_socket}"
     else:
-        where = {"host": server.host, "port": server.port}
+        where = {"host": server.host, "port": server.port, "reuse_port": server.workers > 1}
         address = f"{'https' if ssl_context else 'http'}://{server.host}:{server.port}"
 
     async def announce(_: web.Application) -> None:

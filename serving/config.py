@@ -38,6 +38,7 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
+    workers: int = 1
     max_batch_size: int = 32
     max_batch_delay_ms: float = 0.0
     log_level: str = "INFO"
@@ -320,7 +321,11 @@ def _validate(config: Config, problems: list[str]) -> None:
     s = config.server
     if not 0 <= s.port <= 65535:
         problems.append(f"server.port = {s.port}: expected 0..65535")
-    for key in ("max_body_bytes", "max_batch_size"):
+    if s.workers > 1 and s.unix_socket:
+        problems.append("server.workers > 1 needs a TCP port: one Unix socket cannot be shared")
+    if s.workers > 1 and s.port == 0:
+        problems.append("server.workers > 1 needs a fixed server.port (not 0)")
+    for key in ("max_body_bytes", "max_batch_size", "workers"):
         if getattr(s, key) < 1:
             problems.append(f"server.{key} = {getattr(s, key)}: expected >= 1")
     for key in ("request_timeout_s", "drain_timeout_s"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ HEADER_NAME = "X-Model-Name"
 HEADER_VERSION = "X-Model-Version"
 HEADER_ROUTE = "X-Model-Route"
 HEADER_STALE = "X-Model-Stale"
+HEADER_WORKER = "X-Modeld-Worker"
 
 
 def add_routes(app: web.Application) -> None:
@@ -125,6 +127,8 @@ async def _invoke(request: web.Request, daemon: Daemon, name: str) -> web.Respon
     response.headers[HEADER_VERSION] = str(handle.version.version)
     if handle.stale:
         response.headers[HEADER_STALE] = "true"
+    if daemon.config.server.workers > 1:
+        response.headers[HEADER_WORKER] = str(os.getpid())
     return response
 
 
@@ -142,10 +146,10 @@ def _handle(daemon: Daemon, name: str) -> ModelHandle:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; collected in the load executor (the cache index is on disk)."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST
 
     daemon = _daemon(request)
-    body = await daemon.in_load_pool(generate_latest, daemon.metrics.registry)
+    body = await daemon.in_load_pool(daemon.metrics.exposition)
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 if TYPE_CHECKING:
     from serving.app import Daemon
@@ -45,7 +45,11 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "modeld_requests_in_flight", "Prediction requests being answered", ["model"], registry=r
+            "modeld_requests_in_flight",
+            "Prediction requests being answered",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.batch_size = Histogram(
             "modeld_batch_size",
@@ -83,7 +87,29 @@ class Metrics:
         self.poll_failures = Counter(
             "modeld_registry_poll_failures", "Polls that found the registry unreachable", registry=r
         )
+        self.cache_events = Counter(
+            "modeld_cache", "Disk cache lookups and evictions", ["event"], registry=r
+        )
         r.register(_StateCollector(daemon))
+
+    def cache_event(self, event: str) -> None:
+        """The ModelCache's observer: hits, misses, evictions."""
+        self.cache_events.labels(event).inc()
+
+    def exposition(self) -> bytes:
+        """The text format; across all worker processes when they share a multiprocess dir."""
+        import os
+
+        from prometheus_client import generate_latest
+
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        merged.register(_StateCollector(self.daemon))
+        return generate_latest(merged)
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
         """The ModelManager's observer (runs on the load thread)."""
@@ -170,9 +196,3 @@ class _StateCollector:
         yield GaugeMetricFamily(
             "modeld_cache_entries", "Model versions in the disk cache", value=len(entries)
         )
-        for name, value in (
-            ("hits", cache.stats.hits),
-            ("misses", cache.stats.misses),
-            ("evictions", cache.stats.evictions),
-        ):
-            yield CounterMetricFamily(f"modeld_cache_{name}", f"Disk cache {name}", value=value)

@@ -39,7 +39,7 @@ async def test_metrics_cover_requests_swaps_cache_and_models(aiohttp_client, reg
     assert value(found, "modeld_registry_poll_duration_seconds_count") >= 1
     assert value(found, "modeld_registry_reachable") == 1
     assert value(found, "modeld_cache_entries") == 1 and value(found, "modeld_cache_bytes") > 0
-    assert value(found, "modeld_cache_misses_total") == 1
+    assert value(found, "modeld_cache_total", event="misses") == 1
     assert value(found, "modeld_dependency_mismatches", model="iris") == 0
     info = value(
         found, "modeld_model_info", route="iris", ref="models:/iris/2", version="2", stale="false"
