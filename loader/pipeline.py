@@ -140,7 +140,9 @@ class ModelSource:
     # -- prepare ------------------------------------------------------------------------------
 
     def prepare(self, version: ModelVersion) -> Prepared:
-        """Get ``version`` onto local disk, checking dependencies before the weights come.
+        """Get ``version`` onto local disk; under the strict policy the dependencies are checked
+        on the small metadata files before the weights come (other policies cannot refuse, so
+        they skip that extra round trip).
 
         Raises:
             DependencyMismatch: the strict policy refuses the model (weights not downloaded).
@@ -153,10 +155,11 @@ class ModelSource:
         key = self.cache.key(version)
         entry: CacheEntry | None = self.cache.lookup(key, verify=self.verify)
         if entry is None:
-            meta = self.cache.fetch_metadata(
-                version, lambda dst: self.registry.download(version, dst, files=METADATA_FILES)
-            )
-            self._check(version, meta.path)
+            if self.policy.policy == "strict":  # may refuse: decide before the weights come
+                meta = self.cache.fetch_metadata(
+                    version, lambda dst: self.registry.download(version, dst, files=METADATA_FILES)
+                )
+                self._check(version, meta.path)
             entry = self.cache.fetch(
                 version, lambda dst: self.registry.download(version, dst), verify=self.verify
             )
