@@ -5,7 +5,11 @@ both (one worker each, `--env-manager local`), drives both with the same closed-
 (1-row and 100-row payloads; concurrency 1, 8, 32; a fixed count after warm-up; endpoints
 interleaved) and prints requests/s, p50, p99, start-to-ready, idle and peak RSS with ratios.
 
-    .venv/bin/python bench/serve_bench.py [--count 400] [--models iris,forest]
+    .venv/bin/python bench/serve_bench.py [--count 400] [--models iris,forest] [--mlserver]
+
+With ``--mlserver`` it also runs MLServer + mlserver-mlflow, without and with adaptive batching
+(32 requests / 5 ms), from its own venv (``.venv-mlserver``, created on first use with the same
+mlflow, scikit-learn and skops versions: MLServer pins an older FastAPI than mlflow's).
 """
 
 from __future__ import annotations
@@ -39,10 +43,59 @@ def payload(rows: int) -> bytes:
     return json.dumps({"dataframe_split": {"columns": COLUMNS, "data": data}}).encode()
 
 
+MLSERVER_VENV = Path(__file__).resolve().parent.parent / ".venv-mlserver"
+
+
+def mlserver_python() -> Path:
+    """MLServer's own venv, created on first use."""
+    import importlib.metadata as md
+    import subprocess
+
+    python = MLSERVER_VENV / "bin" / "python"
+    if not (MLSERVER_VENV / "bin" / "mlserver").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
+        pins = [f"{n}=={md.version(n)}" for n in ("mlflow", "scikit-learn", "skops")]
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "mlserver", "mlserver-mlflow", *pins],
+            check=True,
+        )
+    return python
+
+
+def mlserver_settings(root: Path, name: str, uri: str, tracking: str, batching: bool) -> Path:
+    """A model repository for MLServer: settings.json + model-settings.json."""
+    import mlflow.artifacts
+
+    folder = root / f"mlserver-{name}-{'batch' if batching else 'plain'}"
+    folder.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(
+        uri, tracking_uri=tracking, dst_path=str(folder / "model")
+    )
+    model = {
+        "name": name,
+        "implementation": "mlserver_mlflow.MLflowRuntime",
+        "parameters": {"uri": local},
+    }
+    if batching:
+        model.update(max_batch_size=32, max_batch_time=0.005)
+    (folder / "model-settings.json").write_text(json.dumps(model))
+    return folder
+
+
 def launch(kind: str, uri: str, tracking: str, root: Path) -> dict:
     port = free_port()
     env = {"MLFLOW_TRACKING_URI": tracking}
-    if kind == "mlflow":
+    if kind.startswith("mlserver"):
+        folder = mlserver_settings(root, uri.split("/")[1], uri, tracking, kind.endswith("batch"))
+        settings = {
+            "http_port": port,
+            "grpc_port": free_port(),
+            "metrics_port": free_port(),
+            "host": "127.0.0.1",
+        }
+        (folder / "settings.json").write_text(json.dumps(settings))
+        cmd = [str(mlserver_python().parent / "mlserver"), "start", str(folder)]
+    elif kind == "mlflow":
         cmd = [
             sys.executable,
             "-m",
@@ -78,10 +131,11 @@ def launch(kind: str, uri: str, tracking: str, root: Path) -> dict:
             "WARNING",
         ]
     t0 = time.monotonic()
+    ready = "/v2/health/ready" if kind.startswith("mlserver") else "/ping"
     log = root / f"{kind}-{port}.log"
     proc = start(cmd, log, env=env)
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc=proc)
+        wait_http(f"http://127.0.0.1:{port}{ready}", proc=proc)
     except Exception:
         print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
         raise
@@ -95,6 +149,7 @@ def main() -> None:
     parser.add_argument("--models", default="iris,forest")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--rows", default="1,100")
+    parser.add_argument("--mlserver", action="store_true", help="also run MLServer (own venv)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="modeld-serve-bench-"))
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -106,7 +161,10 @@ def main() -> None:
             uris = log_models(registry.url)
             for model in args.models.split(","):
                 servers = {}
-                for kind in ("mlflow", "modeld"):
+                kinds = ["mlflow", "modeld"]
+                if args.mlserver:
+                    kinds[1:1] = ["mlserver", "mlserver-batch"]
+                for kind in kinds:
                     servers[kind] = launch(kind, uris[model], registry.url, root)
                     time.sleep(1.0)
                     servers[kind]["idle_mb"] = tree_rss_mb(servers[kind]["proc"].pid)
@@ -117,7 +175,7 @@ def main() -> None:
                         for c in levels:
                             count = max(args.count // (4 if rows > 1 else 1), 4 * c)
                             pair = {}
-                            for kind in ("mlflow", "modeld"):  # interleaved per cell
+                            for kind in kinds:  # interleaved per cell
                                 pair[kind] = closed_loop(
                                     servers[kind]["url"], body, concurrency=c, count=count
                                 )
@@ -125,45 +183,68 @@ def main() -> None:
                             print(_row(model, rows, c, pair), flush=True)
                     for kind in servers:
                         servers[kind]["peak_mb"] = tree_rss_mb(servers[kind]["proc"].pid)
+                    stop(servers["modeld"]["proc"])  # a restart finds its cache warm
+                    again = launch("modeld", uris[model], registry.url, root)
+                    servers["modeld"]["restart_s"] = again["ready_s"]
+                    stop(again["proc"])
                 finally:
                     for kind in servers:
                         stop(servers[kind]["proc"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print()
-    print(HEADER)
+    print(header(list(results[0][3]) if results else ["mlflow", "modeld"]))
     for model, rows, c, pair in results:
         print(_row(model, rows, c, pair))
     print()
     print("| model | server | start-to-ready | idle RSS | RSS after load |")
     print("|---|---|---|---|---|")
     for model, servers in servers_info:
-        for kind, s in servers.items():
+        for kind, srv in servers.items():
             print(
-                f"| {model} | {kind} | {s['ready_s']:.1f} s | {s['idle_mb']:.0f} MB | "
-                f"{s.get('peak_mb', float('nan')):.0f} MB |"
+                f"| {model} | {kind} | {srv['ready_s']:.1f} s | {srv['idle_mb']:.0f} MB | "
+                f"{srv.get('peak_mb', float('nan')):.0f} MB |"
             )
         m, d = servers["mlflow"], servers["modeld"]
         print(
             f"| {model} | ratio modeld/mlflow | {d['ready_s'] / m['ready_s']:.2f}x | "
             f"{d['idle_mb'] / m['idle_mb']:.2f}x | |"
         )
+    restart = [
+        (model, s["modeld"]["restart_s"], s["mlflow"]["ready_s"])
+        for model, s in servers_info
+        if "restart_s" in s["modeld"]
+    ]
+    for model, again, mlflow_s in restart:
+        print(
+            f"| {model} | modeld restart (cache warm) | {again:.1f} s "
+            f"({again / mlflow_s:.2f}x mlflow) | | |"
+        )
 
 
-HEADER = (
-    "| model | rows | clients | mlflow req/s | modeld req/s | ratio | mlflow p50/p99 ms | "
-    "modeld p50/p99 ms | p99 ratio | errors (mlflow/modeld) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
-)
+def header(kinds: list[str]) -> str:
+    others = [k for k in kinds if k.startswith("mlserver")]
+    cols = ["model", "rows", "clients", *(f"{k} req/s" for k in kinds), "modeld / mlflow"]
+    if others:
+        cols.append("modeld / best MLServer")
+    cols += ["p50 mlflow / modeld ms", "p99 mlflow / modeld ms", "p99 ratio", "errors"]
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
 def _row(model, rows, c, pair) -> str:
     m, d = pair["mlflow"], pair["modeld"]
-    return (
-        f"| {model} | {rows} | {c} | {m.rps:.0f} | {d.rps:.0f} | {d.rps / max(m.rps, 1e-9):.2f}x"
-        f" | {m.p50:.1f} / {m.pct(0.99):.1f} | {d.p50:.1f} / {d.pct(0.99):.1f} | "
-        f"{d.pct(0.99) / max(m.pct(0.99), 1e-9):.2f}x | {m.errors}/{d.errors} |"
-    )
+    cells = [model, str(rows), str(c), *(f"{r.rps:.0f}" for r in pair.values())]
+    cells.append(f"{d.rps / max(m.rps, 1e-9):.2f}x")
+    others = [r for k, r in pair.items() if k.startswith("mlserver")]
+    if others:
+        cells.append(f"{d.rps / max(max(r.rps for r in others), 1e-9):.2f}x")
+    cells += [
+        f"{m.p50:.1f} / {d.p50:.1f}",
+        f"{m.pct(0.99):.1f} / {d.pct(0.99):.1f}",
+        f"{d.pct(0.99) / max(m.pct(0.99), 1e-9):.2f}x",
+        "/".join(str(r.errors) for r in pair.values()),
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":

@@ -153,9 +153,7 @@ class ModelManager:
             InvalidModelURI: the URI does not parse.
             ConfigError: bad swap policy or duplicate route name.
         """
-        ref = uri if isinstance(uri, ModelRef) else parse_uri(uri)
-        if swap not in SWAP_POLICIES:
-            raise ConfigError(f"models.{name}.swap", swap, " | ".join(SWAP_POLICIES))
+        ref = _checked_ref(name, uri, swap)
         with self._refresh_lock:
             if name in self._routes:
                 raise ConfigError("models.name", name, "a route name used once")
@@ -180,9 +178,7 @@ class ModelManager:
         Raises:
             InvalidModelURI, ConfigError, ModelNotReady (unknown route)
         """
-        ref = uri if isinstance(uri, ModelRef) else parse_uri(uri)
-        if swap not in SWAP_POLICIES:
-            raise ConfigError(f"models.{name}.swap", swap, " | ".join(SWAP_POLICIES))
+        ref = _checked_ref(name, uri, swap)
         with self._refresh_lock:
             route = self.route(name)
             if route.ref != ref:
@@ -428,6 +424,12 @@ class ModelManager:
                 "last_poll_at": self.last_poll_at,
             },
         }
+
+
+def _checked_ref(name: str, uri: str | ModelRef, swap: str) -> ModelRef:
+    if swap not in SWAP_POLICIES:
+        raise ConfigError(f"models.{name}.swap", swap, " | ".join(SWAP_POLICIES))
+    return uri if isinstance(uri, ModelRef) else parse_uri(uri)
 
 
 def _same_files(a: ModelVersion, b: ModelVersion) -> bool:

@@ -150,3 +150,22 @@ class MlflowServer:
         """Registry API request lines the server logged so far (uvicorn's access log)."""
         text = self.log_path.read_text(errors="replace")
         return [line for line in text.splitlines() if "/api/2.0/mlflow/" in line]
+
+
+def save_slow_model(path: Path, answer: int = 7) -> Path:
+    """A pyfunc model that sleeps as many seconds as its first input value, then answers
+    ``answer`` per row: for timeouts and drains. Defined in a function so cloudpickle stores the
+    class by value and any process can load it."""
+    import mlflow.pyfunc
+
+    class Slow(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            import time
+
+            import numpy as np
+
+            time.sleep(float(np.asarray(model_input).ravel()[0]))
+            return [answer] * len(model_input)
+
+    mlflow.pyfunc.save_model(str(path), python_model=Slow(), pip_requirements=[])
+    return path

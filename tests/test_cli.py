@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, iris_frame, wait_http
+from tests.helpers import free_port, iris_frame, save_slow_model, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,19 +40,7 @@ def post(url, body, timeout=30):
 
 @pytest.fixture
 def slow_model(tmp_path):
-    import mlflow.pyfunc
-    import numpy as np  # noqa: F401
-
-    class Slow(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):
-            import time
-
-            time.sleep(float(np.asarray(model_input).ravel()[0]))
-            return [7] * len(model_input)
-
-    path = tmp_path / "slow"
-    mlflow.pyfunc.save_model(str(path), python_model=Slow(), pip_requirements=[])
-    return path
+    return save_slow_model(tmp_path / "slow", answer=7)
 
 
 def test_serve_subprocess_answers_and_drains_on_sigterm(registry, tmp_path, slow_model):

@@ -12,7 +12,7 @@ import pytest
 import loader
 from serving.app import create_app
 from serving.config import load_config
-from tests.helpers import IRIS_COLUMNS, iris_frame
+from tests.helpers import IRIS_COLUMNS, iris_frame, save_slow_model
 
 
 def make_config(registry, cache_dir, *models, **overrides):
@@ -243,17 +243,7 @@ async def test_bad_inputs_get_4xx_json_and_server_keeps_serving(
 
 
 async def test_request_timeout_is_504(aiohttp_client, registry, cache_dir, tmp_path):
-    import mlflow.pyfunc
-
-    class Slow(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):
-            import time
-
-            time.sleep(float(np.asarray(model_input).ravel()[0]))
-            return [1] * len(model_input)
-
-    path = tmp_path / "slow"
-    mlflow.pyfunc.save_model(str(path), python_model=Slow(), pip_requirements=[])
+    path = save_slow_model(tmp_path / "slow", answer=1)
     config = make_config(registry, cache_dir, f"slow={path}", server__request_timeout_s=0.5)
     client = await start(aiohttp_client, config)
     resp = await client.post("/invocations", json={"inputs": [[2.0]]})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import free_port, iris_frame, wait_http
+from tests.helpers import free_port, iris_frame, save_slow_model, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,19 +30,7 @@ def post(url, body, timeout=30):
 
 
 def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
-    import mlflow.pyfunc
-
-    class Slow(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):
-            import time
-
-            import numpy as np
-
-            time.sleep(float(np.asarray(model_input).ravel()[0]))
-            return [7] * len(model_input)
-
-    slow = tmp_path / "slow"
-    mlflow.pyfunc.save_model(str(slow), python_model=Slow(), pip_requirements=[])
+    slow = save_slow_model(tmp_path / "slow", answer=7)
     port = free_port()
     cache = tmp_path / "cache"
     proc = subprocess.Popen(
