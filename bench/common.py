@@ -184,7 +184,8 @@ class LoadResult:
 
     @property
     def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
+        """Successful requests per second (an error is not an answer)."""
+        return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
 
     def pct(self, q: float) -> float:
         if not self.latencies_ms:

@@ -55,10 +55,9 @@ def mlserver_python() -> Path:
     if not (MLSERVER_VENV / "bin" / "mlserver").exists():
         subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
         pins = [f"{n}=={md.version(n)}" for n in ("mlflow", "scikit-learn", "skops")]
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "mlserver", "mlserver-mlflow", *pins],
-            check=True,
-        )
+        # MLServer 1.7 breaks with uvloop >= 0.22 ("no current event loop"): pin it below.
+        packages = ["mlserver", "mlserver-mlflow", "uvloop<0.22", *pins]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
     return python
 
 

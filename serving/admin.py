@@ -43,7 +43,7 @@ def _authorized(request: web.Request) -> Daemon:
         web.HTTPUnauthorized, web.HTTPForbidden
     """
     daemon = request.app[DAEMON]
-    token = daemon.config.admin.bearer
+    token = daemon.config.admin.token
     if token:
         if not bearer_matches(request, token):
             raise web.HTTPUnauthorized(

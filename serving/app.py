@@ -177,7 +177,7 @@ class Daemon:
 
     async def stop(self) -> None:
         if self.follower is not None:
-            self.follower.stop()
+            await asyncio.to_thread(self.follower.stop)  # joins watchdog's thread
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -49,11 +49,6 @@ class ServerConfig:
     ssl_keyfile: str = ""
     unix_socket: str = ""
 
-    @property
-    def bearer(self) -> str:
-        """The prediction token: ``token``, else the first line of ``token_file``."""
-        return _secret(self.token, self.token_file)
-
 
 @dataclass(frozen=True)
 class RegistryConfig:
@@ -83,19 +78,6 @@ class AdminConfig:
     token_file: str = ""
     webhook_secret: str = field(default="", repr=False)
     webhook_max_age_s: float = 300.0
-
-    @property
-    def bearer(self) -> str:
-        """The admin token: ``token``, else the first line of ``token_file``."""
-        return _secret(self.token, self.token_file)
-
-
-def _secret(value: str, path: str) -> str:
-    if value:
-        return value
-    if path:
-        return Path(path).read_text(encoding="utf-8").strip()
-    return ""
 
 
 @dataclass(frozen=True)
@@ -186,6 +168,17 @@ def load_config(
                 values[fld.name] = overrides[dotted]
         sections[name] = _build(cls, name, values, problems)
 
+    for name in ("server", "admin"):  # read token files once, not on every request
+        section = sections[name]
+        if section.token_file and not section.token:
+            try:
+                secret = Path(section.token_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                problems.append(f"{name}.token_file = {section.token_file!r}: cannot read ({exc})")
+                continue
+            if not secret:
+                problems.append(f"{name}.token_file = {section.token_file!r}: the file is empty")
+            sections[name] = dataclasses.replace(section, token=secret)
     models = _models(raw.get("models", []), extra_models or [], problems)
     config = Config(**sections, models=tuple(models), path=str(path) if path else None)
     _validate(config, problems)
@@ -341,15 +334,6 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(
             f"registry.poll_interval_s = {config.registry.poll_interval_s}: expected > 0"
         )
-    for where, holder in (("server", s), ("admin", config.admin)):
-        if holder.token_file and not holder.token:
-            try:
-                if not holder.bearer:
-                    problems.append(
-                        f"{where}.token_file = {holder.token_file!r}: the file is empty"
-                    )
-            except OSError as exc:
-                problems.append(f"{where}.token_file = {holder.token_file!r}: cannot read ({exc})")
     if bool(s.ssl_certfile) != bool(s.ssl_keyfile):
         problems.append("server.ssl_certfile and server.ssl_keyfile: give both or neither")
     for key in ("ssl_certfile", "ssl_keyfile"):

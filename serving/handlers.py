@@ -44,7 +44,7 @@ PROTECTED_POSTS = ("/invocations", "/models/", "/v2/models/")
 async def prediction_auth(request: web.Request, handler: Any) -> web.StreamResponse:
     """``server.token`` guards prediction routes (probes, status and metrics stay open)."""
     if request.method == "POST" and request.path.startswith(PROTECTED_POSTS):
-        token = request.app[DAEMON].config.server.bearer
+        token = request.app[DAEMON].config.server.token
         if token and not bearer_matches(request, token):
             raise web.HTTPUnauthorized(
                 text="prediction routes need 'Authorization: Bearer <server.token>'",
