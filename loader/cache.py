@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import urllib.parse
@@ -100,7 +101,7 @@ class ModelCache:
             for sub in ("", "models", "meta", "tmp", "locks"):
                 (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.root, 0o700)
-            self._index = _open_index(self.root / "index")
+            self._index = _Index(self.root)
         except OSError as exc:
             raise CacheError(f"cannot use cache directory {str(self.root)!r}: {exc}") from exc
         self.stats = CacheStats()
@@ -205,7 +206,7 @@ class ModelCache:
     ) -> CacheEntry:
         tmp = self.root / "tmp" / f"{_slug(key)}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         final = self.path(key, meta=meta)
-        tmp.mkdir(mode=0o700)
+        tmp.mkdir(mode=0o700, parents=True)  # parents: the cache may have been deleted under us
         try:
             download(tmp)
             if not meta and not (tmp / "MLmodel").is_file():
@@ -373,6 +374,7 @@ class ModelCache:
 
     def _try_evict(self, key: str) -> bool:
         use = self.root / "locks" / f"{_slug(key)}.use"
+        use.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(use, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
@@ -442,7 +444,54 @@ def _open_index(path: Path) -> diskcache.Cache:
     except Exception as exc:  # sqlite3.DatabaseError on a damaged index file
         log.warning("cache index at %s is unreadable (%s): rebuilding it empty", path, exc)
         _remove_tree(path)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return diskcache.Cache(str(path), eviction_policy="none", size_limit=2**62)
+
+
+class _Index:
+    """The diskcache index, reopened (empty) if its files vanish or break while running.
+
+    An empty index only costs downloads: entries it no longer vouches for are never served.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / "index"
+        self._cache = _open_index(self.path)
+        self._lock = threading.Lock()
+
+    def _call(self, op: Callable[[diskcache.Cache], Any]) -> Any:
+        try:
+            return op(self._cache)
+        except sqlite3.Error as exc:
+            with self._lock:
+                log.warning(
+                    "cache index failed (%s): reopening it, entries will be re-fetched", exc
+                )
+                with contextlib.suppress(Exception):
+                    self._cache.close()
+                for sub in ("", "models", "meta", "tmp", "locks"):
+                    (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._cache = _open_index(self.path)
+            return op(self._cache)
+
+    def get(self, key: Any) -> Any:
+        return self._call(lambda c: c.get(key))
+
+    def set(self, key: Any, value: Any) -> Any:
+        return self._call(lambda c: c.set(key, value))
+
+    def delete(self, key: Any) -> Any:
+        return self._call(lambda c: c.delete(key))
+
+    def iterkeys(self) -> list[Any]:
+        return self._call(lambda c: list(c.iterkeys()))
+
+    def transact(self) -> Any:
+        return self._cache.transact()
+
+    def close(self) -> None:
+        self._cache.close()
 
 
 def _manifest(root: Path) -> dict[str, tuple[int, str]]:
@@ -483,6 +532,7 @@ def _check(root: Path, files: dict[str, Any], verify: Verify) -> str | None:
 
 @contextlib.contextmanager
 def _flock(path: Path, mode: int, timeout_s: float, key: str) -> Iterator[None]:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout_s

@@ -20,7 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from loader.errors import ConfigError, LoaderError, ModelNotReady, RegistryUnavailable
+from loader.errors import (
+    ConfigError,
+    LoaderError,
+    ModelLoadError,
+    ModelNotReady,
+    RegistryUnavailable,
+)
 from loader.pipeline import ModelSource, Prepared, Resolution
 from loader.pyfunc import PyFuncLoader, warm_up
 from loader.registry import ModelVersion
@@ -32,6 +38,7 @@ SwapPolicy = Literal["availability", "memory"]
 SWAP_POLICIES = ("availability", "memory")
 RETRY_BASE_S = 30.0
 RETRY_MAX_S = 3600.0
+LOAD_TIMEOUT_S = 600.0
 MAX_REJECTIONS_KEPT = 10
 
 
@@ -107,6 +114,8 @@ class ModelManager:
     Args:
         source: the shared resolve/fetch/check/load pipeline.
         retry_base_s, retry_max_s: backoff for retrying a rejected version.
+        load_timeout_s: a load plus warm-up taking longer is rejected (step ``load``) so that a
+            model hanging in its own code cannot stop the manager; None waits for ever.
         on_swap: called as ``on_swap(route, old_handle, new_handle)`` after each swap.
         observer: called as ``observer(event, fields)`` for ``"swap"`` (route, version,
             load_s, warmup_s), ``"reject"`` (route, version, step) and ``"poll"`` (seconds, ok):
@@ -120,6 +129,7 @@ class ModelManager:
         *,
         retry_base_s: float = RETRY_BASE_S,
         retry_max_s: float = RETRY_MAX_S,
+        load_timeout_s: float | None = LOAD_TIMEOUT_S,
         on_swap: Callable[[str, ModelHandle | None, ModelHandle], None] | None = None,
         observer: Callable[[str, dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -128,6 +138,7 @@ class ModelManager:
         self.source = source
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
+        self.load_timeout_s = load_timeout_s
         self.on_swap = on_swap
         self.clock = clock
         self._routes: dict[str, Route] = {}
@@ -317,14 +328,9 @@ class ModelManager:
             step = "load"
             if prepared.cache_key is not None:
                 lease.enter_context(self.source.cache.lease(prepared.cache_key))
-            started = time.perf_counter()
-            model = self.source.load(prepared, uri=route.ref.uri, stale=answer.stale)
-            load_s = time.perf_counter() - started
-            step = "warm-up"
-            if route.warmup:
-                example = route.warmup_example or PyFuncLoader(prepared.path).input_example()
-                warm_up(model, example, version.label)
-            warmup_s = time.perf_counter() - started - load_s
+            model, load_s, warmup_s = self._bounded(
+                lambda: self._load_and_warm(route, prepared, answer), version.label
+            )
         except LoaderError as exc:
             lease.close()
             self._reject(route, version, _step_of(exc, step), exc, old)
@@ -364,6 +370,49 @@ class ModelManager:
         )
         if self.on_swap is not None:
             self.on_swap(route.name, old, handle)
+
+    def _load_and_warm(
+        self, route: Route, prepared: Prepared, answer: Resolution
+    ) -> tuple[Any, float, float]:
+        started = time.perf_counter()
+        model = self.source.load(prepared, uri=route.ref.uri, stale=answer.stale)
+        load_s = time.perf_counter() - started
+        if route.warmup:
+            example = route.warmup_example or PyFuncLoader(prepared.path).input_example()
+            try:
+                warm_up(model, example, answer.version.label)
+            except LoaderError as exc:
+                exc.step = "warm-up"  # type: ignore[attr-defined]
+                raise
+        return model, load_s, time.perf_counter() - started - load_s
+
+    def _bounded(self, work: Callable[[], Any], label: str) -> Any:
+        """Run ``work`` in its own thread, giving up after ``load_timeout_s``.
+
+        A model's code can hang (a lock, a network call); the thread cannot be killed, but the
+        manager moves on, keeps the old version serving and keeps following the registry.
+        """
+        if self.load_timeout_s is None:
+            return work()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = work()
+            except BaseException as exc:  # handed back to the caller below
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"modeld-load-{label}", daemon=True)
+        thread.start()
+        thread.join(self.load_timeout_s)
+        if thread.is_alive():
+            raise ModelLoadError(
+                f"{label} did not load and warm up within {self.load_timeout_s:.0f}s "
+                "(load_timeout_s); its thread is abandoned"
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def _reject(
         self,
@@ -439,10 +488,9 @@ def _same_files(a: ModelVersion, b: ModelVersion) -> bool:
 
 
 def _step_of(exc: LoaderError, step: str) -> str:
-    name = type(exc).__name__
-    if name == "DependencyMismatch":
+    if type(exc).__name__ == "DependencyMismatch":
         return "dependency check"
-    return step
+    return getattr(exc, "step", step)
 
 
 def _route_status(route: Route) -> dict[str, Any]:

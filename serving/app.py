@@ -89,7 +89,9 @@ class Daemon:
             snapshots=c.cache.snapshots,
         )
         source.cache.observer = self.metrics.cache_event
-        manager = ModelManager(source, observer=self.metrics.observe)
+        manager = ModelManager(
+            source, observer=self.metrics.observe, load_timeout_s=c.server.load_timeout_s
+        )
         for model in c.models:
             manager.add(model.name, model.uri, **_route_options(model))
         return manager

@@ -38,6 +38,7 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
+    load_timeout_s: float = 600.0
     workers: int = 1
     max_batch_size: int = 32
     max_batch_delay_ms: float = 0.0
@@ -321,7 +322,7 @@ def _validate(config: Config, problems: list[str]) -> None:
     for key in ("max_body_bytes", "max_batch_size", "workers"):
         if getattr(s, key) < 1:
             problems.append(f"server.{key} = {getattr(s, key)}: expected >= 1")
-    for key in ("request_timeout_s", "drain_timeout_s"):
+    for key in ("request_timeout_s", "drain_timeout_s", "load_timeout_s"):
         if getattr(s, key) <= 0:
             problems.append(f"server.{key} = {getattr(s, key)}: expected > 0")
     if s.max_batch_delay_ms < 0:

@@ -1,0 +1,85 @@
+"""Faults the daemon must survive: hung loads, a deleted cache, a damaged index, garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import mlflow.pyfunc
+
+from loader import ModelCache, ModelManager, make_source
+from tests.helpers import iris_frame, register
+from tests.test_follow import POLL_S, served, until
+from tests.test_http import make_config, split_payload, start
+
+
+def save_hanging_model(path):
+    class HangsInLoad(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            import time
+
+            time.sleep(3600)
+
+        def predict(self, context, model_input, params=None):
+            return [0] * len(model_input)
+
+    mlflow.pyfunc.save_model(str(path), python_model=HangsInLoad(), pip_requirements=[])
+    return path
+
+
+def test_a_load_that_hangs_is_rejected_and_following_goes_on(registry, cache_dir, tmp_path):
+    c = registry.client()
+    name = "hangy"
+    register(c, name, registry.models["const1"])
+    source = make_source(cache_dir=cache_dir, tracking_uri=registry.uri, registry_uri=registry.uri)
+    manager = ModelManager(source, load_timeout_s=2.0)
+    manager.add(name, f"models:/{name}/latest")
+    manager.refresh()
+    register(c, name, save_hanging_model(tmp_path / "hangs"))
+    manager.refresh()
+    route = manager.route(name)
+    assert route.handle.version.version == 1  # still serving the good version
+    (rejection,) = route.rejections.values()
+    assert rejection.step == "load" and "within 2s" in rejection.reason
+    register(c, name, registry.models["const3"])  # the manager is not stuck: v3 arrives
+    manager.refresh()
+    assert manager.get(name).version.version == 3
+    manager.close()
+
+
+async def test_cache_deleted_while_running(aiohttp_client, registry, cache_dir):
+    c = registry.client()
+    name = "wiped"
+    register(c, name, registry.models["const1"])
+    config = make_config(
+        registry, cache_dir, f"models:/{name}/latest", registry__poll_interval_s=POLL_S
+    )
+    client = await start(aiohttp_client, config)
+    await asyncio.to_thread(shutil.rmtree, cache_dir)
+    assert (await client.post("/invocations", json=split_payload(iris_frame(1)))).status == 200
+    register(c, name, registry.models["const2"])
+
+    async def on_two():
+        return await served(client, name) == 2
+
+    assert await until(on_two)
+    resp = await client.post("/invocations", json=split_payload(iris_frame(1)))
+    assert resp.status == 200 and (await resp.json())["predictions"] == [2]
+    assert any((cache_dir / "models").rglob("MLmodel"))  # the cache was rebuilt
+
+
+def test_damaged_index_is_rebuilt_and_nothing_damaged_is_served(registry, cache_dir, caplog):
+    source = make_source(cache_dir=cache_dir, tracking_uri=registry.uri, registry_uri=registry.uri)
+    from loader import parse_uri
+
+    version = source.resolve(parse_uri("models:/iris/2")).version
+    first = source.prepare(version)
+    source.cache.close()
+    (cache_dir / "index" / "cache.db").write_bytes(b"this is not sqlite" * 100)
+    cache = ModelCache(cache_dir)  # a fresh process opening the damaged index
+    assert "rebuilding it empty" in caplog.text
+    assert cache.lookup(ModelCache.key(version)) is None  # unverifiable: not served
+    again = make_source(cache_dir=cache_dir, tracking_uri=registry.uri, registry_uri=registry.uri)
+    prepared = again.prepare(version)
+    assert prepared.downloaded and prepared.path == first.path
+    assert int(again.load(prepared, uri="models:/iris/2").predict(iris_frame(1))[0]) == 2
