@@ -8,7 +8,8 @@ interleaved) and prints requests/s, p50, p99, start-to-ready, idle and peak RSS 
     .venv/bin/python bench/serve_bench.py [--count 400] [--models iris,forest] [--mlserver]
 
 With ``--mlserver`` it also runs MLServer + mlserver-mlflow, without and with adaptive batching
-(32 requests / 5 ms), from its own venv (``.venv-mlserver``, created on first use with the same
+(32 requests / 5 ms), driven through its V2 endpoint with the same rows (its batching does not
+apply to its /invocations), from its own venv (``.venv-mlserver``, created on first use with the same
 mlflow, scikit-learn and skops versions: MLServer pins an older FastAPI than mlflow's).
 """
 
@@ -36,6 +37,17 @@ from bench.common import (  # noqa: E402
 )
 
 COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+
+
+def v2_payload(rows: int) -> bytes:
+    """The same rows as an Open Inference Protocol request (a tensor per column, decoded as a
+    DataFrame): MLServer's adaptive batching only applies to its V2 endpoint."""
+    data = [[5.1 + i % 7 * 0.1, 3.5, 1.4 + i % 5 * 0.3, 0.2] for i in range(rows)]
+    inputs = [
+        {"name": col, "shape": [rows], "datatype": "FP64", "data": [r[j] for r in data]}
+        for j, col in enumerate(COLUMNS)
+    ]
+    return json.dumps({"parameters": {"content_type": "pd"}, "inputs": inputs}).encode()
 
 
 def payload(rows: int) -> bytes:
@@ -139,7 +151,12 @@ def launch(kind: str, uri: str, tracking: str, root: Path) -> dict:
         print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
         raise
     ready_s = time.monotonic() - t0
-    return {"proc": proc, "url": f"http://127.0.0.1:{port}/invocations", "ready_s": ready_s}
+    if kind.startswith("mlserver"):
+        name = uri.split("/")[1]
+        url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
+    else:
+        url = f"http://127.0.0.1:{port}/invocations"
+    return {"proc": proc, "url": url, "ready_s": ready_s}
 
 
 def main() -> None:
@@ -170,13 +187,16 @@ def main() -> None:
                 servers_info.append((model, servers))
                 try:
                     for rows in row_counts:
-                        body = payload(rows)
+                        body, body_v2 = payload(rows), v2_payload(rows)
                         for c in levels:
                             count = max(args.count // (4 if rows > 1 else 1), 4 * c)
                             pair = {}
                             for kind in kinds:  # interleaved per cell
                                 pair[kind] = closed_loop(
-                                    servers[kind]["url"], body, concurrency=c, count=count
+                                    servers[kind]["url"],
+                                    body_v2 if kind.startswith("mlserver") else body,
+                                    concurrency=c,
+                                    count=count,
                                 )
                             results.append((model, rows, c, pair))
                             print(_row(model, rows, c, pair), flush=True)
