@@ -9,8 +9,8 @@ interleaved) and prints requests/s, p50, p99, start-to-ready, idle and peak RSS 
 
 With ``--mlserver`` it also runs MLServer + mlserver-mlflow, without and with adaptive batching
 (32 requests / 5 ms), driven through its V2 endpoint with the same rows (its batching does not
-apply to its /invocations), from its own venv (``.venv-mlserver``, created on first use with the same
-mlflow, scikit-learn and skops versions: MLServer pins an older FastAPI than mlflow's).
+apply to its /invocations), from its own venv (``.venv-mlserver``, created on first use with
+the same mlflow, scikit-learn and skops versions: MLServer pins an older FastAPI than mlflow's).
 """
 
 from __future__ import annotations
