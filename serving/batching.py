@@ -116,8 +116,6 @@ class RouteWorker:
                     stopping = True
                     break
                 jobs.append(nxt)
-                if len(jobs) >= last_size and not self.max_batch_delay_s:
-                    deadline = 0.0  # as many as last time: take what is queued and go
             last_size = len(jobs)
             started = time.perf_counter()
             try:
@@ -134,9 +132,9 @@ class RouteWorker:
     def _wait_s(self, last_size: int) -> float:
         """How long to gather a batch. ``max_batch_delay_ms`` when set; otherwise nothing while
         requests come one at a time (an idle server adds no delay), and under concurrent load
-        (the last batch held several) a short wait, a tenth of a predict at most, so that a
-        closed-loop burst of clients lands in one batch instead of alternating small and large
-        ones."""
+        (the last batch held several) a short wait, a tenth of a predict at most (5 ms cap) or
+        until the batch is full, so that the clients answered by one batch land in the next
+        one instead of alternating small and large batches."""
         if self.max_batch_delay_s:
             return self.max_batch_delay_s
         if last_size <= 1 or self._predict_s is None:
