@@ -55,6 +55,7 @@ def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     body = {"dataframe_split": json.loads(iris_frame(1).to_json(orient="split", index=False))}
@@ -111,7 +112,7 @@ def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the supervisor and its workers
         _, err = proc.communicate(timeout=30)
     assert err.count("cached iris@2 (") == 1, err[-3000:]  # one download across workers
     assert "restarting" in err
