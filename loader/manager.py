@@ -144,7 +144,6 @@ class ModelManager:
         self._routes: dict[str, Route] = {}
         self._refresh_lock = threading.RLock()
         self.registry_down_since: float | None = None
-        self.registry_error: str | None = None
         self.last_poll_at: float | None = None
 
     # -- routes -------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ class Daemon:
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="modeld-load")
         self.workers: dict[str, RouteWorker] = {}
         self.manager: ModelManager | None = None
-        self.started = asyncio.Event()
         self.start_error: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -59,12 +58,10 @@ class Daemon:
             self.start_error = f"{type(exc).__name__}: {exc}"
             log.exception("modeld could not start its model pipeline")
             return
-        finally:
-            self.started.set()
         await self.refresh()
         # Everything imported and loaded so far lives as long as the process: move it out of
         # the collector's reach, so a full collection never pauses requests for ~100 ms.
-        gc.collect()
+        await self.in_load_pool(gc.collect)
         gc.freeze()
         self.follower = Follower(self)
         try:
