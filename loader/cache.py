@@ -234,10 +234,10 @@ class ModelCache:
         except OSError as exc:
             _remove_tree(tmp)
             self._index.delete(_ikey(key, meta))
-            if exc.errno == errno.ENOSPC:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise CacheError(
-                    f"disk full while caching {version.label} in {self.root}: free space or "
-                    "lower cache.max_bytes"
+                    f"cannot cache {version.label} in {self.root}: disk full ({exc.strerror}); "
+                    "free space or lower cache.max_bytes"
                 ) from exc
             raise CacheError(f"cannot cache {version.label} in {self.root}: {exc}") from exc
         except BaseException:

@@ -379,8 +379,10 @@ class Registry:
             return fn(*args, **kwargs)
         except MlflowException as exc:
             raise _map_mlflow_error(self.identity, exc) from exc
-        except OSError as exc:
+        except (ConnectionError, TimeoutError) as exc:
             raise RegistryUnavailable(self.identity, f"{type(exc).__name__}: {exc}") from exc
+        except OSError:
+            raise  # local files (a vanished source, a full disk): the cache reports those
         except Exception as exc:
             if _looks_like_connection_error(exc):
                 raise RegistryUnavailable(self.identity, _short(exc)) from exc
@@ -394,6 +396,11 @@ def _map_mlflow_error(identity: str, exc: Any) -> RegistryError:
         return ModelNotFound(_between(message), "such entry", detail=_short(message))
     if _looks_like_connection_error(exc) or code in ("TEMPORARILY_UNAVAILABLE",):
         return RegistryUnavailable(identity, _short(message))
+    if "failures occurred while downloading" in message:
+        # MLflow lists each file's error on the following lines: keep them, they say why
+        # (a full disk, a vanished source) where the first line does not.
+        detail = " ".join(message.split())
+        return RegistryError(f"downloading from {identity} failed: {_short(detail, 600)}")
     return RegistryError(f"registry {identity} failed: {_short(message)} ({code})")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from pathlib import Path
 
 import mlflow.pyfunc
 
@@ -83,3 +84,71 @@ def test_damaged_index_is_rebuilt_and_nothing_damaged_is_served(registry, cache_
     prepared = again.prepare(version)
     assert prepared.downloaded and prepared.path == first.path
     assert int(again.load(prepared, uri="models:/iris/2").predict(iris_frame(1))[0]) == 2
+
+
+async def test_artifacts_that_vanish_after_registration(
+    aiohttp_client, registry, cache_dir, tmp_path
+):
+    c = registry.client()
+    name = "vanish"
+    register(c, name, registry.models["const1"])
+    config = make_config(
+        registry, cache_dir, f"models:/{name}/latest", registry__poll_interval_s=POLL_S
+    )
+    client = await start(aiohttp_client, config)
+    gone = tmp_path / "gone"
+    shutil.copytree(registry.models["const2"], gone)
+    register(c, name, gone)
+    shutil.rmtree(gone)  # the artifacts disappear before modeld fetches them
+
+    async def rejected():
+        status = await (await client.get(f"/models/{name}")).json()
+        return [r["step"] for r in status["rejected"]]
+
+    assert await until(rejected)
+    assert await rejected() == ["fetch"]
+    resp = await client.post("/invocations", json=split_payload(iris_frame(1)))
+    assert resp.status == 200 and resp.headers["X-Model-Version"] == "1"
+    assert not list((cache_dir / "tmp").iterdir())  # no partial download left behind
+    assert not (cache_dir / "models" / name / "2").exists()
+
+
+def test_disk_full_while_fetching_leaves_no_entry_and_recovers(registry, cache_dir, tmp_path):
+    """A file-size limit on the fetching process (the classic stand-in for a full disk): the
+    model carries a 4 MB file, the limit is 1 MB."""
+    import subprocess
+    import sys
+
+    big = tmp_path / "big"
+    shutil.copytree(registry.models["const3"], big)
+    (big / "blob.bin").write_bytes(b"\0" * 4_000_000)
+    register(registry.client(), "bigone", big)
+    code = (
+        "import resource, signal, sys\n"
+        "from loader import make_source, parse_uri, LoaderError\n"
+        f"s = make_source(cache_dir={str(cache_dir)!r}, tracking_uri={registry.uri!r})\n"
+        "v = s.resolve(parse_uri('models:/bigone/latest')).version\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))\n"
+        "try:\n"
+        "    s.prepare(v)\n"
+        "except LoaderError as exc:\n"
+        "    print('ERROR', exc); sys.exit(3)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr[-2000:]
+    assert "downloading from" in proc.stdout and "File too large" in proc.stdout, proc.stdout
+    assert not list((cache_dir / "tmp").iterdir())
+    source = make_source(cache_dir=cache_dir, tracking_uri=registry.uri, registry_uri=registry.uri)
+    from loader import parse_uri
+
+    version = source.resolve(parse_uri("models:/bigone/latest")).version
+    assert source.cache.lookup(ModelCache.key(version)) is None  # nothing half-written visible
+    prepared = source.prepare(version)  # space is back: it recovers
+    assert prepared.downloaded and (prepared.path / "blob.bin").stat().st_size == 4_000_000
