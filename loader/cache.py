@@ -44,6 +44,8 @@ VERIFY_MODES = ("size", "full", "none")
 LOCK_TIMEOUT_S = 600.0
 _LOCK_POLL_S = 0.05
 _HASH_CHUNK = 1 << 20
+#: How long an index operation waits for another process's sqlite lock.
+INDEX_TIMEOUT_S = 10.0
 #: A pickle of the loaded pyfunc model, written by modeld itself after a successful load.
 SNAPSHOT_FILE = ".modeld-snapshot.pkl"
 
@@ -440,18 +442,43 @@ def _slug(key: str) -> str:
 
 def _open_index(path: Path) -> diskcache.Cache:
     try:
-        return diskcache.Cache(str(path), eviction_policy="none", size_limit=2**62)
-    except Exception as exc:  # sqlite3.DatabaseError on a damaged index file
-        log.warning("cache index at %s is unreadable (%s): rebuilding it empty", path, exc)
-        _remove_tree(path)
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return diskcache.Cache(str(path), eviction_policy="none", size_limit=2**62)
+        return _diskcache(path)
+    except sqlite3.OperationalError as exc:
+        if _is_locked(exc):  # another process holds it: never wipe a healthy index
+            raise CacheError(_LOCKED.format(path=path, exc=exc)) from exc
+        return _rebuild(path, exc)
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
+        return _rebuild(path, exc)
+
+
+def _diskcache(path: Path) -> diskcache.Cache:
+    return diskcache.Cache(
+        str(path), eviction_policy="none", size_limit=2**62, timeout=INDEX_TIMEOUT_S
+    )
+
+
+def _rebuild(path: Path, exc: Exception) -> diskcache.Cache:
+    log.warning("cache index at %s is unreadable (%s): rebuilding it empty", path, exc)
+    _remove_tree(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return _diskcache(path)
+
+
+def _is_locked(exc: Exception) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+_LOCKED = (
+    "cache index at {path} is locked by another process ({exc}); nothing was changed, "
+    "try again (the old version keeps serving meanwhile)"
+)
 
 
 class _Index:
     """The diskcache index, reopened (empty) if its files vanish or break while running.
 
     An empty index only costs downloads: entries it no longer vouches for are never served.
+    A lock held by another process is reported (CacheError) and never treated as damage.
     """
 
     def __init__(self, root: Path) -> None:
@@ -463,7 +490,11 @@ class _Index:
     def _call(self, op: Callable[[diskcache.Cache], Any]) -> Any:
         try:
             return op(self._cache)
+        except diskcache.Timeout as exc:
+            raise CacheError(_LOCKED.format(path=self.path, exc="timed out")) from exc
         except sqlite3.Error as exc:
+            if _is_locked(exc):
+                raise CacheError(_LOCKED.format(path=self.path, exc=exc)) from exc
             with self._lock:
                 log.warning(
                     "cache index failed (%s): reopening it, entries will be re-fetched", exc

@@ -152,3 +152,108 @@ def test_disk_full_while_fetching_leaves_no_entry_and_recovers(registry, cache_d
     assert source.cache.lookup(ModelCache.key(version)) is None  # nothing half-written visible
     prepared = source.prepare(version)  # space is back: it recovers
     assert prepared.downloaded and (prepared.path / "blob.bin").stat().st_size == 4_000_000
+
+
+def test_sigkill_mid_load_then_restart_serves_the_right_version(registry, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.helpers import free_port, wait_http
+
+    class LoadsSlowly(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            import time
+
+            time.sleep(4)
+
+        def predict(self, context, model_input, params=None):
+            return [2] * len(model_input)
+
+    slow = tmp_path / "slow-load"
+    mlflow.pyfunc.save_model(str(slow), python_model=LoadsSlowly(), pip_requirements=[])
+    c = registry.client()
+    register(c, "killme", registry.models["const1"])
+    cache = tmp_path / "cache"
+    root = Path(__file__).resolve().parent.parent
+
+    def launch(port):
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "serving",
+                "serve",
+                "-m",
+                "models:/killme/latest",
+                "--port",
+                str(port),
+                "--cache-dir",
+                str(cache),
+                "--poll-interval",
+                "0.2",
+            ],
+            cwd=root,
+            env={**os.environ, "MLFLOW_TRACKING_URI": registry.uri},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def version(port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/models/killme", timeout=10) as resp:
+            return json.loads(resp.read())["version"]
+
+    port = free_port()
+    proc = launch(port)
+    wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
+    register(c, "killme", slow)
+    deadline = time.monotonic() + 60
+    while (
+        not (cache / "models" / "killme").exists()
+        or len(list((cache / "models" / "killme").iterdir())) < 2
+    ):
+        assert time.monotonic() < deadline, "v2 was never fetched"
+        time.sleep(0.1)
+    time.sleep(1.0)  # v2 is cached and loading (its load takes 4 s)
+    assert version(port) == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    assert all(problem is None for problem in ModelCache(cache).verify(full=True).values())
+    port = free_port()
+    proc = launch(port)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
+        assert version(port) == 2  # the right version: what the ref names now
+        assert not list((cache / "tmp").iterdir())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_locked_index_is_reported_not_wiped(registry, cache_dir, monkeypatch):
+    import sqlite3
+
+    import pytest
+
+    from loader import CacheError, parse_uri
+    from loader import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "INDEX_TIMEOUT_S", 0.5)
+    source = make_source(cache_dir=cache_dir, tracking_uri=registry.uri, registry_uri=registry.uri)
+    version = source.resolve(parse_uri("models:/iris/1")).version
+    source.prepare(version)
+    holder = sqlite3.connect(cache_dir / "index" / "cache.db", timeout=0.1)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing, for as long as it likes
+    try:
+        with pytest.raises(CacheError, match="locked by another process"):
+            source.cache.lookup(ModelCache.key(version))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert source.cache.lookup(ModelCache.key(version)) is not None  # intact once released
