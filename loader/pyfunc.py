@@ -71,9 +71,22 @@ def warm_up(model: Any, example: dict[str, Any] | None, label: str) -> bool:
         ) from exc
     if result is None:
         raise ModelLoadError(f"{label} warm-up prediction returned None")
+    if not _is_pyfunc_output(result):
+        raise ModelLoadError(
+            f"{label} warm-up prediction returned a {type(result).__name__}; a pyfunc model "
+            "returns a DataFrame, Series, array, list, dict or string"
+        )
     if hasattr(result, "__len__") and len(result) == 0:
         raise ModelLoadError(f"{label} warm-up prediction returned an empty result")
     return True
+
+
+def _is_pyfunc_output(result: Any) -> bool:
+    """MLflow's PyFuncOutput: pandas, numpy, scipy sparse, list, dict, str (or a number)."""
+    if isinstance(result, list | tuple | dict | str | int | float):
+        return True
+    module = type(result).__module__.split(".")[0]
+    return module in ("pandas", "numpy", "scipy", "pyarrow")
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:

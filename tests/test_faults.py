@@ -257,3 +257,27 @@ def test_locked_index_is_reported_not_wiped(registry, cache_dir, monkeypatch):
         holder.rollback()
         holder.close()
     assert source.cache.lookup(ModelCache.key(version)) is not None  # intact once released
+
+
+def test_a_model_returning_garbage_is_never_served(registry, cache_dir, tmp_path):
+    class Garbage(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return object()
+
+    path = tmp_path / "garbage"
+    mlflow.pyfunc.save_model(
+        str(path), python_model=Garbage(), input_example=iris_frame(2), pip_requirements=[]
+    )
+    c = registry.client()
+    register(c, "junk", registry.models["const1"])
+    source = make_source(cache_dir=cache_dir, tracking_uri=registry.uri, registry_uri=registry.uri)
+    manager = ModelManager(source)
+    manager.add("junk", "models:/junk/latest")
+    manager.refresh()
+    register(c, "junk", path)
+    manager.refresh()
+    route = manager.route("junk")
+    assert route.handle.version.version == 1
+    (rejection,) = route.rejections.values()
+    assert rejection.step == "warm-up" and "returned a object" in rejection.reason
+    manager.close()
