@@ -59,16 +59,16 @@ class Daemon:
             log.exception("modeld could not start its model pipeline")
             return
         await self.refresh()
-        # Everything imported and loaded so far lives as long as the process: move it out of
-        # the collector's reach, so a full collection never pauses requests for ~100 ms.
-        await self.in_load_pool(gc.collect)
-        gc.freeze()
         self.follower = Follower(self)
         try:
             self.follower.start_watching()
         except Exception:  # e.g. inotify limits: polling still follows the registry
             log.exception("file watching unavailable; local models reload at each poll")
         self.spawn(self.follower.run())
+        # Everything imported and loaded so far lives as long as the process: move it out of
+        # the collector's reach, so a full collection never pauses requests for ~100 ms.
+        await self.in_load_pool(gc.collect)
+        gc.freeze()
 
     def _build_manager(self) -> ModelManager:
         from loader.api import make_source

@@ -157,6 +157,10 @@ async def test_daemon_status_after_swaps(aiohttp_client, registry, cache_dir):
     config = make_config(registry, cache_dir, "models:/iris/Production")
     client = await start(aiohttp_client, config)
     daemon = client.server.app[DAEMON]
-    assert daemon.follower is not None
+
+    async def following():
+        return daemon.follower is not None
+
+    assert await until(following)
     status = await (await client.get("/models/iris")).json()
     assert status["swaps"] == 1 and status["last_swap_at"] is not None
