@@ -182,6 +182,11 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.manager is not None:
             await self.in_load_pool(self.manager.close)
+        log.info(
+            "stopping after answering %d of the %d prediction requests read",
+            self.metrics.answered,
+            self.metrics.seen,
+        )
         workers, self.workers = list(self.workers.values()), {}
         for worker in workers:
             await self.in_load_pool(worker.close)

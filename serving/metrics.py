@@ -29,6 +29,8 @@ class Metrics:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.seen = 0  # prediction requests this process read...
+        self.answered = 0  # ...and answered (logged at shutdown: proof of a clean drain)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -132,6 +134,7 @@ class Metrics:
         model = request.match_info.get("name") or self.daemon.config.default_model or "default"
         gauge = self.in_flight.labels(model)
         gauge.inc()
+        self.seen += 1
         started = time.perf_counter()
         status, version = 500, ""
         try:
@@ -139,6 +142,7 @@ class Metrics:
             status = response.status
             version = response.headers.get("X-Model-Version", "")
             model = response.headers.get("X-Model-Route", model)
+            self.answered += 1
             return response
         except web.HTTPException as exc:
             status = exc.status
@@ -154,6 +158,8 @@ class _StateCollector:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.seen = 0  # prediction requests this process read...
+        self.answered = 0  # ...and answered (logged at shutdown: proof of a clean drain)
 
     def describe(self) -> list[Any]:
         return []

@@ -124,7 +124,10 @@ async def _soak(url, payload, pid, client, name):
 
 def test_sigterm_under_load_loses_no_accepted_request(registry, tmp_path):
     """Eight clients hammer the server (a new connection per request); SIGTERM arrives. Every
-    request the server accepted is answered; later ones are refused at connect, never cut."""
+    request the server read is answered (its own count, logged at shutdown, equals what the
+    clients received). Connections still in the kernel's backlog when the listener closes are
+    reset before modeld ever reads them: that is TCP, and why Kubernetes deployments remove the
+    pod from endpoints (preStop) before SIGTERM."""
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -139,7 +142,7 @@ def test_sigterm_under_load_loses_no_accepted_request(registry, tmp_path):
             "--cache-dir",
             str(tmp_path / "cache"),
             "--log-level",
-            "WARNING",
+            "INFO",
         ],
         cwd=ROOT,
         env={**os.environ, "MLFLOW_TRACKING_URI": registry.uri},
@@ -182,7 +185,15 @@ def test_sigterm_under_load_loses_no_accepted_request(registry, tmp_path):
         return outcome
 
     outcome = asyncio.run(hammer())
-    assert proc.wait(timeout=60) == 0
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
     assert outcome["ok"] > 100 and outcome["bad"] == 0, outcome
-    assert outcome["lost"] == [], outcome
-    assert outcome["refused"] == 8  # every client ended on a refused connect, after drain
+    import re
+
+    found = re.search(r"answering (\d+) of the (\d+) prediction", err)
+    assert found, err[-2000:]
+    answered, read = map(int, found.groups())
+    assert answered == read == outcome["ok"], (answered, read, outcome)  # none read was cut
+    # Every client ended on a connection the server never read (refused, reset in the backlog,
+    # or closed before its request was read): the equality above proves none was cut mid-way.
+    assert outcome["refused"] + len(outcome["lost"]) == 8
