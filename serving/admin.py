@@ -21,7 +21,7 @@ from aiohttp import web
 
 from serving.app import DAEMON, Daemon
 from serving.errors import envelope
-from serving.handlers import bearer_matches, json_response
+from serving.handlers import bearer_matches, json_response, require_route
 
 log = logging.getLogger(__name__)
 WEBHOOK_PATH = "/admin/webhooks/mlflow"
@@ -73,14 +73,6 @@ def _manager(daemon: Daemon):  # noqa: ANN202 - ModelManager, once started
     return daemon.manager
 
 
-def _known(daemon: Daemon, name: str) -> None:
-    names = _manager(daemon).names()
-    if name not in names:
-        raise web.HTTPNotFound(
-            text=f"no model named {name[:100]!r}; served models: {', '.join(names) or 'none'}"
-        )
-
-
 async def refresh_all(request: web.Request) -> web.Response:
     daemon = _authorized(request)
     manager = _manager(daemon)
@@ -91,7 +83,7 @@ async def refresh_all(request: web.Request) -> web.Response:
 async def refresh_one(request: web.Request) -> web.Response:
     daemon = _authorized(request)
     name = request.match_info["name"]
-    _known(daemon, name)
+    require_route(daemon, name)
     await daemon.refresh([name], force=request.query.get("force") in ("1", "true"))
     return json_response(_manager(daemon).status(name))
 
@@ -100,7 +92,7 @@ async def pin(request: web.Request) -> web.Response:
     """Freeze a model at ``{"version": N}`` (a rollback) until DELETE resumes following."""
     daemon = _authorized(request)
     name = request.match_info["name"]
-    _known(daemon, name)
+    require_route(daemon, name)
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
@@ -135,7 +127,7 @@ async def pin(request: web.Request) -> web.Response:
 async def unpin(request: web.Request) -> web.Response:
     daemon = _authorized(request)
     name = request.match_info["name"]
-    _known(daemon, name)
+    require_route(daemon, name)
     _manager(daemon).unpin(name)
     await daemon.refresh([name])
     log.info("%s unpinned: following %s again", name, _manager(daemon).route(name).ref)

@@ -116,7 +116,9 @@ async def model_invocations(request: web.Request) -> web.Response:
 
 
 async def _invoke(request: web.Request, daemon: Daemon, name: str) -> web.Response:
-    handle = _handle(daemon, name)  # one handle for the whole request, whatever swaps meanwhile
+    handle = serving_handle(
+        daemon, name
+    )  # one handle for the whole request, whatever swaps meanwhile
     mime = protocol.check_content_type(request.headers.get("Content-Type"))
     body = await request.read()
     work = daemon.worker(name).submit(handle, body, protocol.MlflowCodec(mime))
@@ -132,13 +134,18 @@ async def _invoke(request: web.Request, daemon: Daemon, name: str) -> web.Respon
     return response
 
 
-def _handle(daemon: Daemon, name: str) -> ModelHandle:
-    names = [m.name for m in daemon.config.models]
-    if daemon.manager is not None:
-        names = daemon.manager.names()
+def require_route(daemon: Daemon, name: str) -> None:
+    """404 naming the served models unless ``name`` is one (shared by every route family)."""
+    manager = daemon.manager
+    names = manager.names() if manager is not None else [m.name for m in daemon.config.models]
     if name not in names:
         served = ", ".join(names) or "none"
         raise web.HTTPNotFound(text=f"no model named {name[:100]!r}; served models: {served}")
+
+
+def serving_handle(daemon: Daemon, name: str) -> ModelHandle:
+    """The handle answering for ``name`` now (404 unknown, 503 not loaded yet)."""
+    require_route(daemon, name)
     if daemon.manager is None:
         raise ModelNotReady(name)
     return daemon.manager.get(name)
@@ -165,14 +172,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     name = request.match_info["name"]
-    _handle_exists(daemon, name)
-    assert daemon.manager is not None
+    require_route(daemon, name)
+    if daemon.manager is None:
+        raise ModelNotReady(name)
     return json_response(daemon.manager.status(name))
-
-
-def _handle_exists(daemon: Daemon, name: str) -> None:
-    try:
-        _handle(daemon, name)
-    except ModelNotReady:
-        if daemon.manager is None:
-            raise

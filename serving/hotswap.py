@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loader.poller import PollSchedule
-from loader.uri import RefKind
+from loader.uri import RefKind, parse_uri
 
 if TYPE_CHECKING:
     from watchdog.events import FileSystemEvent
@@ -84,8 +84,6 @@ class Follower:
             return
         wanted = {}
         for model in self.daemon.config.models:
-            from loader.uri import parse_uri
-
             ref = parse_uri(model.uri)
             if ref.kind is RefKind.PATH and ref.path and os.path.isdir(ref.path):
                 wanted[f"model:{model.name}"] = ref.path

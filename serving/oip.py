@@ -20,6 +20,7 @@ from aiohttp import web
 
 from loader.errors import ModelNotReady
 from serving.app import DAEMON, Daemon
+from serving.handlers import serving_handle
 from serving.protocol import Codec, Decoded, ProtocolError, predict_input_schema
 
 _NUMPY_BY_DATATYPE = {
@@ -115,13 +116,7 @@ def _served(request: web.Request) -> tuple[Daemon, Any]:
     """(daemon, handle) for the model (and version, when the path names one) in the URL."""
     daemon = request.app[DAEMON]
     name = request.match_info["name"]
-    manager = daemon.manager
-    names = manager.names() if manager is not None else [m.name for m in daemon.config.models]
-    if name not in names:
-        raise web.HTTPNotFound(text=f"no model named {name[:100]!r}; served: {', '.join(names)}")
-    if manager is None:
-        raise ModelNotReady(name)
-    handle = manager.get(name)
+    handle = serving_handle(daemon, name)
     wanted = request.match_info.get("version")
     if wanted is not None and wanted != str(handle.version.version):
         raise web.HTTPNotFound(

@@ -169,3 +169,39 @@ def save_slow_model(path: Path, answer: int = 7) -> Path:
 
     mlflow.pyfunc.save_model(str(path), python_model=Slow(), pip_requirements=[])
     return path
+
+
+def serve_modeld(registry: Any, cache_dir: Path, *models_and_flags: str, **popen: Any):
+    """`modeld serve` as a subprocess on a free port over the test registry.
+
+    Returns (process, base URL); stderr is piped (text) unless ``popen`` says otherwise.
+    """
+    port = free_port()
+    options = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True, **popen}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "serve",
+            *models_and_flags,
+            "--port",
+            str(port),
+            "--cache-dir",
+            str(cache_dir),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "MLFLOW_TRACKING_URI": registry.uri},
+        **options,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def split_body(rows: int = 1) -> bytes:
+    """A `dataframe_split` request body of the first iris rows."""
+    import json
+
+    frame = iris_frame(rows)
+    return json.dumps(
+        {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+    ).encode()

@@ -5,17 +5,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import IRIS_COLUMNS, free_port, wait_http
+from tests.helpers import IRIS_COLUMNS, serve_modeld, wait_http
 
-ROOT = Path(__file__).resolve().parent.parent
 CASES = int(os.environ.get("MODELD_FUZZ_CASES", "10000"))
 
 json_values = st.recursive(
@@ -102,28 +98,15 @@ paths = st.one_of(
 
 @pytest.fixture(scope="module")
 def server(registry, tmp_path_factory):
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving",
-            "serve",
-            "-m",
-            "models:/iris/2",
-            "--port",
-            str(port),
-            "--cache-dir",
-            str(tmp_path_factory.mktemp("fuzz-cache")),
-            "--log-level",
-            "ERROR",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": registry.uri},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, url = serve_modeld(
+        registry,
+        tmp_path_factory.mktemp("fuzz-cache"),
+        "-m",
+        "models:/iris/2",
+        "--log-level",
+        "ERROR",
     )
+    port = int(url.rsplit(":", 1)[1])
     wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
     yield port, proc
     proc.terminate()

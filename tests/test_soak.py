@@ -10,16 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 
-from tests.helpers import free_port, iris_frame, register, wait_http
+from tests.helpers import register, serve_modeld, split_body, wait_http
 
-ROOT = Path(__file__).resolve().parent.parent
 SOAK_S = float(os.environ.get("MODELD_SOAK_S", "15"))
 
 
@@ -43,34 +39,17 @@ def test_soak_under_registry_churn(registry, tmp_path):
     for k in (1, 2):
         register(c, name, registry.models[f"const{k}"])
     c.set_registered_model_alias(name, "live", "1")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving",
-            "serve",
-            "-m",
-            f"models:/{name}@live",
-            "--port",
-            str(port),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--poll-interval",
-            "0.3",
-            "--log-level",
-            "WARNING",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": registry.uri},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, url = serve_modeld(
+        registry,
+        tmp_path / "cache",
+        "-m",
+        f"models:/{name}@live",
+        "--poll-interval",
+        "0.3",
+        "--log-level",
+        "WARNING",
     )
-    url = f"http://127.0.0.1:{port}"
-    payload = json.dumps(
-        {"dataframe_split": json.loads(iris_frame(2).to_json(orient="split", index=False))}
-    ).encode()
+    payload = split_body(2)
     try:
         wait_http(f"{url}/health", timeout_s=120, proc=proc)
         counts, samples = asyncio.run(_soak(url, payload, proc.pid, c, name))
@@ -128,32 +107,10 @@ def test_sigterm_under_load_loses_no_accepted_request(registry, tmp_path):
     clients received). Connections still in the kernel's backlog when the listener closes are
     reset before modeld ever reads them: that is TCP, and why Kubernetes deployments remove the
     pod from endpoints (preStop) before SIGTERM."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving",
-            "serve",
-            "-m",
-            "models:/iris/2",
-            "--port",
-            str(port),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--log-level",
-            "INFO",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": registry.uri},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, url = serve_modeld(
+        registry, tmp_path / "cache", "-m", "models:/iris/2", "--log-level", "INFO"
     )
-    url = f"http://127.0.0.1:{port}"
-    payload = json.dumps(
-        {"dataframe_split": json.loads(iris_frame(1).to_json(orient="split", index=False))}
-    ).encode()
+    payload = split_body(1)
     wait_http(f"{url}/health", timeout_s=120, proc=proc)
 
     async def hammer():
