@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _STOP = object()
 #: The longest adaptive wait for company under load (see RouteWorker._wait_s).
 ADAPTIVE_WAIT_CAP_S = 0.005
+#: ... and at most this share of a batch's processing time.
+WAIT_FRACTION = 0.5
 
 
 @dataclass(slots=True)
@@ -94,29 +96,12 @@ class RouteWorker:
     # -- the worker thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        stopping = False
-        last_size = 1
-        while not stopping:
+        expected = 1  # how many requests the next batch may count on (see _gather)
+        while True:
             job = self._queue.get()
             if job is _STOP:
                 return
-            jobs = [job]
-            deadline = time.monotonic() + self._wait_s(last_size)
-            while len(jobs) < self.max_batch_size:
-                remaining = deadline - time.monotonic()
-                try:
-                    nxt = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else (self._queue.get_nowait())
-                    )
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stopping = True
-                    break
-                jobs.append(nxt)
-            last_size = len(jobs)
+            jobs, stopping = self._gather(job, expected)
             started = time.perf_counter()
             try:
                 self._process(jobs)
@@ -128,18 +113,48 @@ class RouteWorker:
             self._predict_s = (
                 elapsed if self._predict_s is None else (0.8 * self._predict_s + 0.2 * elapsed)
             )
+            if stopping:
+                return
+            # The clients in play: those just answered (in a closed loop they come back) and
+            # those already waiting. One at a time, that is 1: no waiting for anyone.
+            expected = min(self.max_batch_size, len(jobs) + self._queue.qsize())
 
-    def _wait_s(self, last_size: int) -> float:
-        """How long to gather a batch. ``max_batch_delay_ms`` when set; otherwise nothing while
-        requests come one at a time (an idle server adds no delay), and under concurrent load
-        (the last batch held several) a short wait, a tenth of a predict at most (5 ms cap) or
-        until the batch is full, so that the clients answered by one batch land in the next
-        one instead of alternating small and large batches."""
+    def _gather(self, first: _Job, expected: int) -> tuple[list[_Job], bool]:
+        """A batch: ``first``, everything already queued, and, while fewer than ``expected``
+        (the clients in play when the last batch ended) have arrived, whatever comes within the
+        wait (:meth:`_wait_s`)."""
+        jobs = [first]
+        deadline = None
+        while len(jobs) < self.max_batch_size:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                if deadline is None:
+                    wait = self._wait_s(expected)
+                    deadline = time.monotonic() + wait
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (len(jobs) >= expected and not self.max_batch_delay_s):
+                    break
+                try:
+                    nxt = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if nxt is _STOP:
+                return jobs, True
+            jobs.append(nxt)
+        return jobs, False
+
+    def _wait_s(self, expected: int) -> float:
+        """How long to wait for company. ``max_batch_delay_ms`` when set; otherwise nothing
+        while requests come one at a time (an idle server adds no delay), and under concurrent
+        load until as many have come as were in play when the last batch ended, half a predict
+        at most (5 ms cap): waiting for the clients one batch answered lets them land in the
+        next batch together instead of in a string of small ones."""
         if self.max_batch_delay_s:
             return self.max_batch_delay_s
-        if last_size <= 1 or self._predict_s is None:
+        if expected <= 1 or self._predict_s is None:
             return 0.0
-        return min(ADAPTIVE_WAIT_CAP_S, 0.1 * self._predict_s)
+        return min(ADAPTIVE_WAIT_CAP_S, WAIT_FRACTION * self._predict_s)
 
     def _process(self, jobs: list[_Job]) -> None:
         ready = []
@@ -164,39 +179,40 @@ class RouteWorker:
                 self._predict_batch(group)
 
     def _batch_key(self, job: _Job) -> Any:
-        import pandas as pd
-
+        """Requests with equal keys can share a predict: same model, same columns and dtypes,
+        same params, same protocol. None: this one goes alone."""
         request = job.request
         assert request is not None
-        data = request.data
-        if (
-            not isinstance(data, pd.DataFrame)
-            or request.unwrapped
-            or self._unbatchable.get(job.handle.model)
-        ):
+        if request.unwrapped or self._unbatchable.get(job.handle.model):
             return None
-        job.rows = len(data)
         try:
             params = (
                 orjson.dumps(request.params, option=orjson.OPT_SORT_KEYS) if request.params else b""
             )
         except TypeError:
             return None
-        return (
-            id(job.handle.model),
-            tuple(data.columns),
-            tuple(map(str, data.dtypes)),
-            params,
-            request.conformant,
-            type(job.codec),
-        )
+        if request.matrix is not None:  # conformant: the signature fixes columns and dtypes
+            job.rows = len(request.matrix)
+            shape = ("matrix", request.matrix.dtype.str, tuple(request.columns or ()))
+        else:
+            import pandas as pd
+
+            data = request.data
+            if not isinstance(data, pd.DataFrame):
+                return None
+            job.rows = len(data)
+            shape = ("frame", tuple(data.columns), tuple(map(str, data.dtypes)))
+        return (id(job.handle.model), shape, params, request.conformant, type(job.codec))
 
     def _predict_one(self, job: _Job) -> None:
         request = job.request
         assert request is not None
         try:
             result = protocol.predict(
-                job.handle.model, request.data, request.params, conformant=request.conformant
+                job.handle.model,
+                request.model_input(),
+                request.params,
+                conformant=request.conformant,
             )
             body = job.codec.encode(result, request, job.handle)
         except Exception as exc:
@@ -206,12 +222,10 @@ class RouteWorker:
         _succeed(job, body)
 
     def _predict_batch(self, group: list[_Job]) -> None:
-        import pandas as pd
-
         first = group[0].request
         assert first is not None
         model = group[0].handle.model
-        frame = pd.concat([j.request.data for j in group], ignore_index=True)  # type: ignore[union-attr]
+        frame = _stack([j.request for j in group])  # type: ignore[misc]
         total = len(frame)
         try:
             result = protocol.predict(model, frame, first.params, conformant=first.conformant)
@@ -248,6 +262,20 @@ class RouteWorker:
         self.stats.calls += 1
         self.stats.requests += n
         self.stats.largest = max(self.stats.largest, n)
+
+
+def _stack(requests: list[protocol.Decoded]) -> Any:
+    """One model input holding every request's rows, in order."""
+    first = requests[0]
+    if first.matrix is not None:
+        import numpy as np
+
+        return protocol.conformant_frame(
+            np.concatenate([r.matrix for r in requests]), first.columns
+        )
+    import pandas as pd
+
+    return pd.concat([r.data for r in requests], ignore_index=True)
 
 
 def _split(result: Any, sizes: list[int], total: int) -> list[Any] | None:

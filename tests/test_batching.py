@@ -116,3 +116,43 @@ async def test_output_not_row_aligned_falls_back_to_one_call_per_request(echo, c
     again = await post_all(echo, "lump", bodies)
     assert [a[1] for a in again] == [[3.0], [3.0], [9.0]]
     assert caplog.text.count("not row-aligned") == 1
+
+
+async def test_closed_loop_clients_land_in_one_batch(echo, monkeypatch):
+    """Clients answered by one batch come back at different times (here spread over 50 ms):
+    the worker waits for as many as the last batch held (within half a predict, its cap
+    raised here past the spread) instead of starting a batch with whoever came first."""
+    from serving import batching
+
+    monkeypatch.setattr(batching, "ADAPTIVE_WAIT_CAP_S", 0.3)
+    clients, rounds = 6, 4
+
+    async def client(i):
+        got = []
+        for r in range(rounds):
+            await asyncio.sleep(0.01 * i)  # each client's own turnaround
+            resp = await echo.post("/models/echo/invocations", json=body([float(10 * i + r)]))
+            got.append(values(await resp.json()))
+        return got
+
+    answers = await asyncio.gather(*(client(i) for i in range(clients)))
+    for i, got in enumerate(answers):
+        assert got == [[float(10 * i + r)] for r in range(rounds)]
+    stats = echo.server.app[DAEMON].workers["echo"].stats
+    assert stats.requests == clients * rounds
+    assert stats.largest == clients
+    # The first round may start alone and split once; every later round is one batch.
+    assert stats.calls <= rounds + 2, stats
+
+
+async def test_a_lone_request_is_not_held_for_company(echo):
+    """Sequential requests never wait: each is predicted as soon as it arrives."""
+    import time
+
+    t0 = time.perf_counter()
+    for x in (1.0, 2.0, 3.0):
+        resp = await echo.post("/models/echo/invocations", json=body([x]))
+        assert values(await resp.json()) == [x]
+    stats = echo.server.app[DAEMON].workers["echo"].stats
+    assert stats.calls == 3 and stats.largest == 1
+    assert time.perf_counter() - t0 < 3 * 0.2 + 0.15

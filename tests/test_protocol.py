@@ -29,10 +29,12 @@ def test_fast_frame_and_direct_predict_equal_mlflow(iris_model):
         body = orjson.dumps({"dataframe_split": {"columns": IRIS_COLUMNS, "data": values}})
         ours = protocol.decode(body, protocol.JSON, iris_model)
         theirs = _parse_json_data(json.loads(body), iris_model.metadata, schema).data
-        assert ours.conformant
-        assert ours.data.equals(theirs)
-        assert list(ours.data.dtypes) == list(theirs.dtypes)
-        direct = protocol.predict(iris_model, ours.data, None, conformant=True)
+        assert ours.conformant and ours.rows == rows
+        frame = ours.model_input()
+        assert frame.equals(theirs)
+        assert list(frame.dtypes) == list(theirs.dtypes)
+        assert frame.index.equals(theirs.index)
+        direct = protocol.predict(iris_model, frame, None, conformant=True)
         assert direct.tolist() == iris_model.predict(theirs).tolist()
 
 
