@@ -3,7 +3,8 @@
 Builds a registry behind a local `mlflow server --serve-artifacts`, serves the same models with
 both (one worker each, `--env-manager local`), drives both with the same closed-loop load
 (1-row and 100-row payloads; concurrency 1, 8, 32; a fixed count after warm-up; endpoints
-interleaved) and prints requests/s, p50, p99, start-to-ready, idle and peak RSS with ratios.
+interleaved) and prints requests/s, p50, p99, start-to-ready (the median of `--starts` cold
+starts each, and of as many modeld restarts on a warm cache), idle and peak RSS with ratios.
 
     .venv/bin/python bench/serve_bench.py [--count 400] [--models iris,forest] [--mlserver]
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -166,6 +168,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--rows", default="1,100")
     parser.add_argument("--mlserver", action="store_true", help="also run MLServer (own venv)")
+    parser.add_argument(
+        "--starts", type=int, default=5, help="cold starts of mlflow and modeld (median kept)"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="modeld-serve-bench-"))
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -202,13 +207,10 @@ def main() -> None:
                             print(_row(model, rows, c, pair), flush=True)
                     for kind in servers:
                         servers[kind]["peak_mb"] = tree_rss_mb(servers[kind]["proc"].pid)
-                    stop(servers["modeld"]["proc"])  # a restart finds its cache warm
-                    again = launch("modeld", uris[model], registry.url, root)
-                    servers["modeld"]["restart_s"] = again["ready_s"]
-                    stop(again["proc"])
                 finally:
                     for kind in servers:
                         stop(servers[kind]["proc"])
+                measure_starts(servers, uris[model], registry.url, root, args.starts)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print()
@@ -216,29 +218,48 @@ def main() -> None:
     for model, rows, c, pair in results:
         print(_row(model, rows, c, pair))
     print()
-    print("| model | server | start-to-ready | idle RSS | RSS after load |")
-    print("|---|---|---|---|---|")
+    print("| model | server | start-to-ready (median) | starts | idle RSS | RSS after load |")
+    print("|---|---|---|---|---|---|")
     for model, servers in servers_info:
         for kind, srv in servers.items():
+            starts = srv["starts"]
             print(
-                f"| {model} | {kind} | {srv['ready_s']:.1f} s | {srv['idle_mb']:.0f} MB | "
+                f"| {model} | {kind} | {statistics.median(starts):.1f} s | "
+                f"{' '.join(f'{t:.1f}' for t in starts)} | {srv['idle_mb']:.0f} MB | "
                 f"{srv.get('peak_mb', float('nan')):.0f} MB |"
             )
         m, d = servers["mlflow"], servers["modeld"]
+        mlflow_s = statistics.median(m["starts"])
         print(
-            f"| {model} | ratio modeld/mlflow | {d['ready_s'] / m['ready_s']:.2f}x | "
-            f"{d['idle_mb'] / m['idle_mb']:.2f}x | |"
+            f"| {model} | ratio modeld/mlflow | {statistics.median(d['starts']) / mlflow_s:.2f}x "
+            f"| | {d['idle_mb'] / m['idle_mb']:.2f}x | |"
         )
-    restart = [
-        (model, s["modeld"]["restart_s"], s["mlflow"]["ready_s"])
-        for model, s in servers_info
-        if "restart_s" in s["modeld"]
-    ]
-    for model, again, mlflow_s in restart:
+        warm = d["restarts"]
         print(
-            f"| {model} | modeld restart (cache warm) | {again:.1f} s "
-            f"({again / mlflow_s:.2f}x mlflow) | | |"
+            f"| {model} | modeld restart (cache warm) | {statistics.median(warm):.1f} s "
+            f"({statistics.median(warm) / mlflow_s:.2f}x mlflow) | "
+            f"{' '.join(f'{t:.1f}' for t in warm)} | | |"
         )
+
+
+def measure_starts(servers: dict, uri: str, tracking: str, root: Path, count: int) -> None:
+    """Start-to-ready, interleaved: ``count`` cold starts of mlflow and of modeld (an empty
+    cache each time: both download), then as many modeld restarts on the warm cache. The
+    first start of each server (the one the load ran against) counts as one."""
+    for srv in servers.values():
+        srv["starts"] = [srv["ready_s"]]
+    for i in range(1, count):
+        for kind in ("mlflow", "modeld"):
+            cold = root / f"cold-{kind}-{i}"
+            cold.mkdir(parents=True, exist_ok=True)
+            run = launch(kind, uri, tracking, cold)
+            stop(run["proc"])
+            servers[kind]["starts"].append(run["ready_s"])
+    restarts = servers["modeld"]["restarts"] = []
+    for _ in range(count):
+        warm = launch("modeld", uri, tracking, root)  # the first start's cache, warm now
+        stop(warm["proc"])
+        restarts.append(warm["ready_s"])
 
 
 def header(kinds: list[str]) -> str:

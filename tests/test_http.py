@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
@@ -269,3 +270,34 @@ async def test_health_is_503_until_models_load(aiohttp_client, registry, cache_d
     assert resp.status == 503
     assert "iris" not in body["not_ready"] and "nobody" in body["not_ready"]["nobody"]
     assert (await client.post("/models/nobody/invocations", json={})).status == 503
+
+
+class GcProbe(mlflow.pyfunc.PythonModel):
+    """Records whether the cyclic collector ran while it was being loaded."""
+
+    def load_context(self, context):
+        import gc
+
+        self.collector_on_at_load = gc.isenabled()
+
+    def predict(self, context, model_input, params=None):
+        return [self.collector_on_at_load] * len(model_input)
+
+
+async def test_start_loads_with_the_collector_off_then_freezes(
+    aiohttp_client, registry, cache_dir, tmp_path
+):
+    """Starting is mostly imports and loading, whose objects all live on: no collections
+    meanwhile, then one freeze (no full collection pausing the first requests), and the
+    collector back on."""
+    import gc
+
+    path = tmp_path / "probe"
+    mlflow.pyfunc.save_model(str(path), python_model=GcProbe(), pip_requirements=[])
+    gc.unfreeze()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    client = await start(aiohttp_client, make_config(registry, cache_dir, f"probe={path}"))
+    resp = await client.post("/invocations", json={"inputs": [[1.0]]})
+    assert (await resp.json()) == {"predictions": [False]}
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > 10_000
