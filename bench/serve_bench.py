@@ -3,8 +3,9 @@
 Builds a registry behind a local `mlflow server --serve-artifacts`, serves the same models with
 both (one worker each, `--env-manager local`), drives both with the same closed-loop load
 (1-row and 100-row payloads; concurrency 1, 8, 32; a fixed count after warm-up; endpoints
-interleaved) and prints requests/s, p50, p99, start-to-ready (the median of `--starts` cold
-starts each, and of as many modeld restarts on a warm cache), idle and peak RSS with ratios.
+interleaved) and prints requests/s, p50, p99, the in-process floor (one ``pyfunc.predict`` call
+on the same rows), start-to-ready (the median of ``--starts`` cold starts each, and of as many
+modeld restarts on a warm cache), idle and peak RSS with ratios.
 
     .venv/bin/python bench/serve_bench.py [--count 400] [--models iris,forest] [--mlserver]
 
@@ -177,10 +178,15 @@ def main() -> None:
     row_counts = [int(r) for r in args.rows.split(",")]
     results = []
     servers_info = []
+    floors: list[tuple[str, int, float]] = []
     try:
         with MlflowServer(root / "registry") as registry:
             uris = log_models(registry.url)
             for model in args.models.split(","):
+                floors.extend(
+                    (model, rows, in_process_floor(uris[model], registry.url, rows))
+                    for rows in row_counts
+                )
                 servers = {}
                 kinds = ["mlflow", "modeld"]
                 if args.mlserver:
@@ -218,6 +224,13 @@ def main() -> None:
     for model, rows, c, pair in results:
         print(_row(model, rows, c, pair))
     print()
+    print("| model | rows | in-process `pyfunc.predict` | modeld p50 at 1 client | overhead |")
+    print("|---|---|---|---|---|")
+    for model, rows, floor_ms in floors:
+        cell = next((p for m, r, c, p in results if (m, r, c) == (model, rows, 1)), None)
+        p50 = cell["modeld"].p50 if cell else float("nan")
+        print(f"| {model} | {rows} | {floor_ms:.2f} ms | {p50:.2f} ms | {p50 - floor_ms:+.2f} ms |")
+    print()
     print("| model | server | start-to-ready (median) | starts | idle RSS | RSS after load |")
     print("|---|---|---|---|---|---|")
     for model, servers in servers_info:
@@ -240,6 +253,24 @@ def main() -> None:
             f"({statistics.median(warm) / mlflow_s:.2f}x mlflow) | "
             f"{' '.join(f'{t:.1f}' for t in warm)} | | |"
         )
+
+
+def in_process_floor(uri: str, tracking: str, rows: int, calls: int = 300) -> float:
+    """Milliseconds per ``pyfunc.predict`` call in this process on the payload's rows (as
+    MLflow's parser builds them): what no server can beat at one client."""
+    import mlflow.pyfunc
+    from mlflow.pyfunc.scoring_server import _parse_json_data
+
+    mlflow.set_tracking_uri(tracking)
+    model = mlflow.pyfunc.load_model(uri)
+    schema = model.metadata.get_input_schema()
+    frame = _parse_json_data(json.loads(payload(rows)), model.metadata, schema).data
+    for _ in range(20):
+        model.predict(frame)
+    started = time.perf_counter()
+    for _ in range(calls):
+        model.predict(frame)
+    return (time.perf_counter() - started) / calls * 1000
 
 
 def measure_starts(servers: dict, uri: str, tracking: str, root: Path, count: int) -> None:

@@ -191,8 +191,8 @@ class RouteWorker:
             )
         except TypeError:
             return None
+        job.rows = request.rows
         if request.matrix is not None:  # conformant: the signature fixes columns and dtypes
-            job.rows = len(request.matrix)
             shape = ("matrix", request.matrix.dtype.str, tuple(request.columns or ()))
         else:
             import pandas as pd
@@ -200,7 +200,6 @@ class RouteWorker:
             data = request.data
             if not isinstance(data, pd.DataFrame):
                 return None
-            job.rows = len(data)
             shape = ("frame", tuple(data.columns), tuple(map(str, data.dtypes)))
         return (id(job.handle.model), shape, params, request.conformant, type(job.codec))
 

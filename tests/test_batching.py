@@ -156,3 +156,60 @@ async def test_a_lone_request_is_not_held_for_company(echo):
     stats = echo.server.app[DAEMON].workers["echo"].stats
     assert stats.calls == 3 and stats.largest == 1
     assert time.perf_counter() - t0 < 3 * 0.2 + 0.15
+
+
+async def test_batched_answers_equal_unbatched_predict(
+    aiohttp_client, registry, cache_dir, tmp_path
+):
+    """Many concurrent clients, each with its own rows (1 to 100, both the fast conformant path
+    and MLflow's records path): every response holds exactly its request's rows, in order,
+    equal to an unbatched in-process ``predict`` (floats within 1e-9 relative), and batches
+    really formed."""
+    import mlflow.sklearn
+    import numpy as np
+    from sklearn.ensemble import RandomForestRegressor
+
+    from tests.helpers import IRIS_COLUMNS
+
+    rng = np.random.default_rng(7)
+    train = pd.DataFrame(rng.uniform(0, 8, size=(300, 4)), columns=IRIS_COLUMNS)
+    forest = RandomForestRegressor(n_estimators=60, random_state=0)
+    forest.fit(train, train.sum(axis=1) * 1.37 + rng.normal(size=300))
+    path = tmp_path / "forest"
+    mlflow.sklearn.save_model(
+        forest,
+        str(path),
+        signature=infer_signature(train, forest.predict(train)),
+        pip_requirements=[],
+        skops_trusted_types=["sklearn.tree._tree.Tree"],
+    )
+    local = mlflow.pyfunc.load_model(str(path))
+    client = await start(aiohttp_client, make_config(registry, cache_dir, f"forest={path}"))
+
+    async def one(i):
+        rows = 100 if i % 17 == 0 else int(rng.integers(1, 6))
+        frame = pd.DataFrame(rng.uniform(0, 8, size=(rows, 4)).round(6), columns=IRIS_COLUMNS)
+        if i % 3 == 0:
+            payload = {"dataframe_records": frame.to_dict(orient="records")}
+        else:
+            payload = {"dataframe_split": {"columns": IRIS_COLUMNS, "data": frame.values.tolist()}}
+        resp = await client.post("/models/forest/invocations", json=payload)
+        assert resp.status == 200, await resp.text()
+        return frame, (await resp.json())["predictions"]
+
+    async def closed_loop(k):
+        return [await one(32 * r + k) for r in range(8)]
+
+    results = [
+        pair
+        for client_results in await asyncio.gather(*(closed_loop(k) for k in range(32)))
+        for pair in client_results
+    ]
+    assert len(results) == 256
+    for frame, predictions in results:
+        expected = local.predict(frame)
+        assert len(predictions) == len(frame)
+        np.testing.assert_allclose(predictions, expected, rtol=1e-9, atol=0)
+    stats = client.server.app[DAEMON].workers["forest"].stats
+    assert stats.requests == 256
+    assert stats.largest >= 8 and stats.calls < 256 / 2, stats
