@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 #: The longest adaptive wait for company under load (see RouteWorker._wait_s).
-ADAPTIVE_WAIT_CAP_S = 0.005
+ADAPTIVE_WAIT_CAP_S = 0.010
 #: ... and at most this share of a batch's processing time.
 WAIT_FRACTION = 0.5
 
@@ -148,7 +148,7 @@ class RouteWorker:
         """How long to wait for company. ``max_batch_delay_ms`` when set; otherwise nothing
         while requests come one at a time (an idle server adds no delay), and under concurrent
         load until as many have come as were in play when the last batch ended, half a predict
-        at most (5 ms cap): waiting for the clients one batch answered lets them land in the
+        at most (10 ms cap): waiting for the clients one batch answered lets them land in the
         next batch together instead of in a string of small ones."""
         if self.max_batch_delay_s:
             return self.max_batch_delay_s
