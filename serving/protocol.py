@@ -46,8 +46,8 @@ class ModelMemo:
 
 
 _MISSING = object()
-#: Per-model answer of _uniform_numeric_dtype (its signature does not change once loaded).
-_DTYPES = ModelMemo()
+#: Per-model answer of _numeric_layout (its signature does not change once loaded).
+_LAYOUTS = ModelMemo()
 _DIRECT = ModelMemo()
 
 
@@ -270,64 +270,113 @@ def _decode_json(body: bytes, model: Any, schema: Any) -> Decoded:
         raise ProtocolError(
             400, "BAD_REQUEST", _required_format(f"received several: {', '.join(present)}")
         )
-    matrix = _numeric_split_matrix(document, schema, model)
-    if matrix is not None:
-        return Decoded(
-            params=params,
-            conformant=True,
-            matrix=matrix,
-            columns=document["dataframe_split"]["columns"],
-        )
+    fast = _numeric_matrix(document, schema, model)
+    if fast is not None:
+        matrix, columns = fast
+        return Decoded(params=params, conformant=True, matrix=matrix, columns=columns)
     parsed = _parse_json_data(document, model.metadata, schema)
     return Decoded(parsed.data, parsed.params, parsed.is_unified_llm_input)
 
 
-def _numeric_split_matrix(document: dict[str, Any], schema: Any, model: Any) -> Any:
-    """The common case built directly: ``dataframe_split`` whose columns are exactly the
-    model's all-double (or all-float) signature, every cell a JSON number.
+def _numeric_matrix(document: dict[str, Any], schema: Any, model: Any) -> Any:
+    """The common case read directly: a model whose signature is all required double (or all
+    float) columns, and a request carrying exactly those columns, every cell a JSON number, as
 
-    Gives the rows of the DataFrame MLflow's parser builds (as :func:`conformant_frame` makes
-    it: same columns, dtypes and RangeIndex) in a tenth of the time; anything else returns None
-    and takes MLflow's own path.
+    - ``dataframe_split`` with exactly the signature's ``columns``, in order, and ``data``;
+    - ``dataframe_records``, ``instances`` or ``inputs`` as a list of records, each with
+      exactly the signature's names (any order);
+    - ``inputs`` as columns: each name to a list, all of one length;
+
+    and nothing else in the document but ``params``. Returns ``(matrix, columns)``: the rows in
+    the signature's order and dtype, from which :func:`conformant_frame` builds the very
+    DataFrame MLflow's parser and schema enforcement would hand the model (same columns,
+    dtypes and RangeIndex), in a tenth of the time. Anything else returns None and takes
+    MLflow's own path.
     """
-    split = document.get("dataframe_split")
-    if not isinstance(split, dict) or schema is None or "index" in split:
+    layout = _numeric_layout(schema, model)
+    keys = [k for k in document if k != "params"]
+    if layout is None or len(keys) != 1:
         return None
-    if set(split) - {"columns", "data"} or "params" in document and len(document) > 2:
-        return None
-    dtype = _uniform_numeric_dtype(schema, model)
-    columns, rows = split.get("columns"), split.get("data")
-    if dtype is None or columns != schema.input_names() or not isinstance(rows, list) or not rows:
-        return None
-    width = len(columns)
-    for row in rows:
-        if type(row) is not list or len(row) != width:
+    dtype, names = layout
+    fmt, payload = keys[0], document[keys[0]]
+    if fmt == "dataframe_split":
+        if type(payload) is not dict or payload.keys() != {"columns", "data"}:
             return None
-        for cell in row:
-            if type(cell) is not float and type(cell) is not int:
-                return None
+        rows = payload["data"] if payload["columns"] == names else None
+    elif fmt == "inputs" and type(payload) is dict:
+        return _numeric_columns(payload, names, dtype)
+    elif fmt in ("dataframe_records", "instances", "inputs"):
+        rows = _record_rows(payload, names)
+    else:
+        return None
+    if type(rows) is not list or not rows:
+        return None
+    width = len(names)
+    for row in rows:
+        if type(row) is not list or len(row) != width or not _all_numbers(row):
+            return None
     import numpy as np
 
-    return np.array(rows, dtype=dtype)
+    return np.array(rows, dtype=dtype), names
 
 
-def _uniform_numeric_dtype(schema: Any, model: Any) -> Any:
-    """numpy dtype when every input column is a required double (or float), else None."""
-    cached = _DTYPES.get(model, _MISSING)
+def _record_rows(records: Any, names: list[str]) -> list[list[Any]] | None:
+    """Records that each hold exactly ``names``, as rows in that order."""
+    if type(records) is not list:
+        return None
+    rows = []
+    for record in records:
+        if type(record) is not dict or len(record) != len(names):
+            return None
+        try:
+            rows.append([record[name] for name in names])
+        except KeyError:
+            return None
+    return rows
+
+
+def _numeric_columns(columns: dict[str, Any], names: list[str], dtype: Any) -> Any:
+    """``{"name": [values...]}`` for exactly ``names``, all one non-zero length."""
+    if len(columns) != len(names):
+        return None
+    try:
+        values = [columns[name] for name in names]
+    except KeyError:
+        return None
+    length = len(values[0]) if type(values[0]) is list else 0
+    for column in values:
+        if type(column) is not list or len(column) != length or not _all_numbers(column):
+            return None
+    if not length:
+        return None
+    import numpy as np
+
+    return np.array(values, dtype=dtype).T, names
+
+
+def _all_numbers(cells: list[Any]) -> bool:
+    """Every cell a JSON number (bool is not one)."""
+    return all(type(cell) is float or type(cell) is int for cell in cells)
+
+
+def _numeric_layout(schema: Any, model: Any) -> tuple[Any, list[str]] | None:
+    """(numpy dtype, input names) when every input column is a required double (or every one
+    a required float), else None; remembered per model."""
+    cached = _LAYOUTS.get(model, _MISSING)
     if cached is not _MISSING:
         return cached
-    dtype = None
+    layout = None
     try:
-        if not schema.is_tensor_spec() and schema.has_input_names():
+        if schema is not None and not schema.is_tensor_spec() and schema.has_input_names():
             types = {getattr(spec.type, "name", None) for spec in schema.inputs}
             required = all(getattr(spec, "required", True) for spec in schema.inputs)
             if required and types in ({"double"}, {"float"}):
-                dtype = schema.numpy_types()[0]
+                layout = (schema.numpy_types()[0], schema.input_names())
     except Exception:
-        dtype = None
+        layout = None
     with contextlib.suppress(TypeError):  # models that refuse weak references: not cached
-        _DTYPES.set(model, dtype)
-    return dtype
+        _LAYOUTS.set(model, layout)
+    return layout
 
 
 def predict(

@@ -18,7 +18,28 @@ def iris_model(registry):
     return loader.load_model(str(registry.models["iris"]))
 
 
-def test_fast_frame_and_direct_predict_equal_mlflow(iris_model):
+def forms(values: list[list[float]]) -> dict[str, dict]:
+    """The same rows in every JSON form the fast path reads (records in a shuffled key order)."""
+    shuffled = list(reversed(IRIS_COLUMNS))
+    records = [{c: row[IRIS_COLUMNS.index(c)] for c in shuffled} for row in values]
+    return {
+        "split": {"dataframe_split": {"columns": IRIS_COLUMNS, "data": values}},
+        "records": {"dataframe_records": records},
+        "instances": {"instances": records},
+        "inputs-records": {"inputs": records},
+        "inputs-columns": {
+            "inputs": {c: [row[j] for row in values] for j, c in enumerate(IRIS_COLUMNS)}
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "form", ["split", "records", "instances", "inputs-records", "inputs-columns"]
+)
+def test_fast_frame_and_direct_predict_equal_mlflow(iris_model, form):
+    """What the fast path hands the model is exactly what MLflow's parser and schema
+    enforcement would hand it, and the direct predict answers the same."""
+    from mlflow.models.utils import _enforce_schema
     from mlflow.pyfunc.scoring_server import _parse_json_data
 
     rng = np.random.default_rng(0)
@@ -26,31 +47,49 @@ def test_fast_frame_and_direct_predict_equal_mlflow(iris_model):
     for rows in (1, 2, 7, 100):
         values = rng.uniform(-5, 10, size=(rows, 4)).round(3).tolist()
         values[0][0] = int(values[0][0])  # JSON integers in a double column
-        body = orjson.dumps({"dataframe_split": {"columns": IRIS_COLUMNS, "data": values}})
+        body = orjson.dumps(forms(values)[form])
         ours = protocol.decode(body, protocol.JSON, iris_model)
-        theirs = _parse_json_data(json.loads(body), iris_model.metadata, schema).data
+        parsed = _parse_json_data(json.loads(body), iris_model.metadata, schema).data
+        theirs = _enforce_schema(parsed, schema)
         assert ours.conformant and ours.rows == rows
         frame = ours.model_input()
         assert frame.equals(theirs)
+        assert list(frame.columns) == list(theirs.columns) == IRIS_COLUMNS
         assert list(frame.dtypes) == list(theirs.dtypes)
         assert frame.index.equals(theirs.index)
         direct = protocol.predict(iris_model, frame, None, conformant=True)
-        assert direct.tolist() == iris_model.predict(theirs).tolist()
+        assert direct.tolist() == iris_model.predict(parsed).tolist()
+
+
+RECORD = dict(zip(IRIS_COLUMNS, [1.0, 2.0, 3.0, 4.0], strict=True))
 
 
 @pytest.mark.parametrize(
-    "split",
+    "document",
     [
-        {"columns": list(reversed(IRIS_COLUMNS)), "data": [[1, 2, 3, 4]]},
-        {"columns": IRIS_COLUMNS, "data": [[1, 2, 3, None]]},
-        {"columns": IRIS_COLUMNS, "data": [[1, 2, 3, True]]},
-        {"columns": IRIS_COLUMNS, "data": [[1, 2, 3, "4"]]},
-        {"columns": IRIS_COLUMNS, "data": [[1, 2, 3]]},
-        {"columns": IRIS_COLUMNS, "index": [5], "data": [[1, 2, 3, 4]]},
+        {"dataframe_split": {"columns": list(reversed(IRIS_COLUMNS)), "data": [[1, 2, 3, 4]]}},
+        {"dataframe_split": {"columns": IRIS_COLUMNS, "data": [[1, 2, 3, None]]}},
+        {"dataframe_split": {"columns": IRIS_COLUMNS, "data": [[1, 2, 3, True]]}},
+        {"dataframe_split": {"columns": IRIS_COLUMNS, "data": [[1, 2, 3, "4"]]}},
+        {"dataframe_split": {"columns": IRIS_COLUMNS, "data": [[1, 2, 3]]}},
+        {"dataframe_split": {"columns": IRIS_COLUMNS, "index": [5], "data": [[1, 2, 3, 4]]}},
+        {"dataframe_split": {"columns": IRIS_COLUMNS, "data": [[1, 2, 3, 4]]}, "other": 1},
+        {"dataframe_records": [{**RECORD, "extra": 1.0}]},
+        {"dataframe_records": [{k: v for k, v in RECORD.items() if k != IRIS_COLUMNS[0]}]},
+        {"dataframe_records": [RECORD, {**RECORD, IRIS_COLUMNS[1]: [1.0]}]},
+        {"dataframe_records": [RECORD, [1.0, 2.0, 3.0, 4.0]]},
+        {"dataframe_records": RECORD},
+        {"instances": [{**RECORD, IRIS_COLUMNS[2]: False}]},
+        {"instances": [RECORD], "inputs": [RECORD]},
+        {"inputs": [[1.0, 2.0, 3.0, 4.0]]},
+        {"inputs": {**{c: [1.0] for c in IRIS_COLUMNS}, IRIS_COLUMNS[3]: [1.0, 2.0]}},
+        {"inputs": {c: 1.0 for c in IRIS_COLUMNS}},
+        {"inputs": {c: [] for c in IRIS_COLUMNS}},
+        {"inputs": {c: [1.0] for c in IRIS_COLUMNS[:3]}},
     ],
 )
-def test_anything_unusual_takes_mlflows_path(iris_model, split):
-    body = orjson.dumps({"dataframe_split": split})
+def test_anything_unusual_takes_mlflows_path(iris_model, document):
+    body = orjson.dumps(document)
     try:
         decoded = protocol.decode(body, protocol.JSON, iris_model)
     except protocol.ProtocolError:
