@@ -158,8 +158,6 @@ class _StateCollector:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.seen = 0  # prediction requests this process read...
-        self.answered = 0  # ...and answered (logged at shutdown: proof of a clean drain)
 
     def describe(self) -> list[Any]:
         return []
