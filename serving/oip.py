@@ -21,7 +21,7 @@ from aiohttp import web
 from loader.errors import ModelNotReady
 from serving.app import DAEMON, Daemon
 from serving.handlers import serving_handle
-from serving.protocol import Codec, Decoded, ProtocolError, predict_input_schema
+from serving.protocol import Codec, Decoded, ProtocolError, numeric_layout, predict_input_schema
 
 _NUMPY_BY_DATATYPE = {
     "BOOL": "bool",
@@ -234,6 +234,10 @@ class OipCodec(Codec):
             if name in tensors:
                 raise ProtocolError(400, "BAD_REQUEST", f"input {name!r} given twice")
             tensors[name] = array
+        block = _conformant_block(tensors, model)
+        if block is not None:
+            matrix, columns = block
+            return Decoded(params=params or None, conformant=True, matrix=matrix, columns=columns)
         return Decoded(_to_model_input(tensors, predict_input_schema(model)), params or None)
 
     def _split(self, body: bytes) -> tuple[Any, bytes]:
@@ -338,6 +342,38 @@ def _bytes_tensor(chunk: bytes) -> Any:
         items.append(chunk[i + 4 : i + 4 + n].decode("utf-8", "replace"))
         i += 4 + n
     return np.array(items, dtype=object)
+
+
+def _conformant_block(tensors: dict[str, Any], model: Any) -> tuple[Any, list[str]] | None:
+    """The tensors as one 2-D block in the signature's column order, when the model's
+    signature is all double (or all float) columns and the request sends exactly those, in
+    that dtype: a column tensor ([N] or [N, 1]) per name, or one [N, K] tensor over the K
+    columns. The frame built from it is the one MLflow's schema enforcement would make of
+    :func:`_to_model_input`'s (tested); anything else returns None and takes that path."""
+    import numpy as np
+
+    layout = numeric_layout(model)
+    if layout is None:
+        return None
+    dtype, names = layout
+    if len(tensors) == 1:
+        ((name, array),) = tensors.items()
+        if name not in names:
+            fits = array.ndim == 2 and array.shape[1] == len(names) and len(array) > 0
+            return (array, names) if fits and array.dtype == dtype else None
+    if tensors.keys() != set(names):
+        return None
+    columns = []
+    for name in names:
+        array = tensors[name]
+        if array.ndim == 2 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 1 or array.dtype != dtype:
+            return None
+        columns.append(array)
+    if len({len(c) for c in columns}) != 1 or not len(columns[0]):
+        return None
+    return np.column_stack(columns), names
 
 
 def _to_model_input(tensors: dict[str, Any], schema: Any) -> Any:

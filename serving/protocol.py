@@ -359,6 +359,12 @@ def _all_numbers(cells: list[Any]) -> bool:
     return all(type(cell) is float or type(cell) is int for cell in cells)
 
 
+def numeric_layout(model: Any) -> tuple[Any, list[str]] | None:
+    """(numpy dtype, input names) of a model whose signature is all required double (or all
+    float) columns, else None: the models whose requests can take the conformant path."""
+    return _numeric_layout(predict_input_schema(model), model)
+
+
 def _numeric_layout(schema: Any, model: Any) -> tuple[Any, list[str]] | None:
     """(numpy dtype, input names) when every input column is a required double (or every one
     a required float), else None; remembered per model."""

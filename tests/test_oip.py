@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -115,3 +116,60 @@ async def test_versioned_metadata_answers_only_the_served_version(server):
     assert missing.status == 404 and "serves version 2" in (await missing.json())["error"]
     ready = await server.get("/v2/health/ready")
     assert ready.status == 200 and (await ready.json()) == {"ready": True}
+
+
+def _v2(inputs):
+    import orjson
+
+    return orjson.dumps({"inputs": inputs})
+
+
+@pytest.mark.parametrize(
+    "layout", ["columns", "columns-n1", "columns-shuffled", "one-tensor", "one-column-fp32"]
+)
+def test_conformant_tensors_equal_mlflows_enforced_frame(registry, layout):
+    """Column tensors in the signature's dtype are read into one block whose frame is exactly
+    what MLflow's schema enforcement makes of the generic frame; anything else (here FP32 for
+    double columns) takes the generic path."""
+    from mlflow.models.utils import _enforce_schema
+
+    from serving import oip
+
+    model = loader.load_model(str(registry.models["iris"]))
+    schema = model.metadata.get_input_schema()
+    values = np.random.default_rng(1).uniform(0, 8, size=(7, 4))
+    names = list(reversed(IRIS_COLUMNS)) if layout == "columns-shuffled" else IRIS_COLUMNS
+    if layout == "one-tensor":
+        inputs = [
+            {"name": "x", "shape": [7, 4], "datatype": "FP64", "data": values.ravel().tolist()}
+        ]
+    else:
+        inputs = [
+            {
+                "name": name,
+                "shape": [7, 1] if layout == "columns-n1" else [7],
+                "datatype": "FP32" if layout == "one-column-fp32" and name == names[0] else "FP64",
+                "data": values[:, IRIS_COLUMNS.index(name)].tolist(),
+            }
+            for name in names
+        ]
+    codec = oip.OipCodec(None)
+    ours = codec.decode(_v2(inputs), model)
+    tensors = {
+        i["name"]: np.array(
+            i["data"], dtype=np.float32 if i["datatype"] == "FP32" else np.float64
+        ).reshape(i["shape"])
+        for i in inputs
+    }
+    theirs = _enforce_schema(oip._to_model_input(tensors, schema), schema)
+    if layout == "one-column-fp32":
+        assert not ours.conformant
+        return
+    assert ours.conformant and ours.rows == 7
+    frame = ours.model_input()
+    assert frame.equals(theirs) and list(frame.columns) == IRIS_COLUMNS
+    assert list(frame.dtypes) == list(theirs.dtypes) and frame.index.equals(theirs.index)
+    handle = SimpleNamespace(route="iris", version=SimpleNamespace(version=1))
+    assert codec.encode(model.predict(frame), ours, handle) == codec.encode(
+        model.predict(theirs), ours, handle
+    )
