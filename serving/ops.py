@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from loader.cache import SNAPSHOT_FILE
 from loader.errors import LoaderError
 
 PROGRESS_MIN_BYTES = 5 * 1024 * 1024
@@ -25,6 +26,12 @@ PROGRESS_MIN_BYTES = 5 * 1024 * 1024
 def add_commands(sub: Any) -> None:
     pull = sub.add_parser("pull", help="download models into the cache (init containers)")
     pull.add_argument("uris", nargs="+", metavar="URI")
+    pull.add_argument(
+        "--no-load",
+        action="store_true",
+        help="only download (by default each version is also loaded once: proof that it loads "
+        "here, and the load snapshot a later start loads from)",
+    )
     _common(pull)
     resolve = sub.add_parser("resolve", help="print which version a ref names now")
     resolve.add_argument("uri", metavar="URI")
@@ -76,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             dependency_match=config.dependencies.match,  # type: ignore[arg-type]
             dependency_ignore=config.dependencies.ignore,
             max_cache_bytes=config.cache.max_bytes or None,
+            snapshots=config.cache.snapshots,
         )
         return {"pull": _pull, "resolve": _resolve, "check": _check, "cache": _cache}[args.command](
             source, args
@@ -101,12 +109,22 @@ def _pull(source: Any, args: argparse.Namespace) -> int:
             version = source.resolve(parse_uri(uri)).version
             with _Progress(source.cache.root / "tmp", version.label):
                 prepared = source.prepare(version)
+            started = time.perf_counter()
+            if not args.no_load:
+                source.load(prepared, uri=uri)
+            load_s = time.perf_counter() - started
         except LoaderError as exc:
             print(f"modeld pull: {uri}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        size = sum(p.stat().st_size for p in prepared.path.rglob("*") if p.is_file())
+        size = sum(
+            p.stat().st_size
+            for p in prepared.path.rglob("*")
+            if p.is_file() and p.name != SNAPSHOT_FILE
+        )
         how = "downloaded" if prepared.downloaded else "already cached"
+        if not args.no_load:
+            how += f", loads in {load_s:.2f}s"
         _print(
             args,
             {
@@ -115,6 +133,7 @@ def _pull(source: Any, args: argparse.Namespace) -> int:
                 "path": str(prepared.path),
                 "bytes": size,
                 "downloaded": prepared.downloaded,
+                "load_s": None if args.no_load else round(load_s, 3),
                 "dependency_report": prepared.report.to_dict(),
             },
             f"{uri} -> {version.label} {how} ({size} bytes) at {prepared.path}",

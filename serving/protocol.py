@@ -373,7 +373,14 @@ def _numeric_layout(schema: Any, model: Any) -> tuple[Any, list[str]] | None:
         return cached
     layout = None
     try:
-        if schema is not None and not schema.is_tensor_spec() and schema.has_input_names():
+        # A signature from type hints gets its "inputs" unparsed (MLflow's rule): no fast path.
+        from_hints = model.metadata._is_signature_from_type_hint()
+        if (
+            schema is not None
+            and not from_hints
+            and not schema.is_tensor_spec()
+            and schema.has_input_names()
+        ):
             types = {getattr(spec.type, "name", None) for spec in schema.inputs}
             required = all(getattr(spec, "required", True) for spec in schema.inputs)
             if required and types in ({"double"}, {"float"}):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loader.cache import SNAPSHOT_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,9 +30,15 @@ def test_pull_resolve_check_and_cache(registry, cache_dir):
         registry, cache_dir, "pull", "models:/iris/Production", "models:/iris@champion"
     )
     assert code == 0, err
-    assert "iris@2 downloaded" in out and "iris@1 downloaded" in out
+    assert "iris@2 downloaded, loads in" in out and "iris@1 downloaded, loads in" in out
+    # Each version was loaded once, leaving the snapshot the daemon will start from.
+    assert len(list((cache_dir / "models").rglob(SNAPSHOT_FILE))) == 2
     code, out, _ = modeld(registry, cache_dir, "pull", "models:/iris/2")
     assert code == 0 and "already cached" in out
+    code, out, err = modeld(registry, cache_dir, "pull", "models:/iris/3", "--no-load", "--json")
+    assert code == 0, err
+    assert json.loads(out)["load_s"] is None and json.loads(out)["downloaded"]
+    assert len(list((cache_dir / "models").rglob(SNAPSHOT_FILE))) == 2
 
     code, out, err = modeld(registry, cache_dir, "pull", "models:/iris/Prod", "models:/nope/1")
     assert code == 1 and "Accepted forms" in err and "nope" in err
@@ -46,7 +54,7 @@ def test_pull_resolve_check_and_cache(registry, cache_dir):
     assert code == 0 and "all satisfied" in out
 
     code, out, _ = modeld(registry, cache_dir, "cache", "ls")
-    assert code == 0 and "2 entries" in out and "iris@1" in out and "iris@2" in out
+    assert code == 0 and "3 entries" in out and "iris@1" in out and "iris@2" in out
     assert modeld(registry, cache_dir, "cache", "verify")[0] == 0
     weights = next((cache_dir / "models").rglob("model.skops"))
     data = bytearray(weights.read_bytes())
@@ -55,6 +63,6 @@ def test_pull_resolve_check_and_cache(registry, cache_dir):
     code, out, _ = modeld(registry, cache_dir, "cache", "verify")
     assert code == 1 and "1 damaged" in out
     code, out, _ = modeld(registry, cache_dir, "cache", "gc", "--max-bytes", "0")
-    assert code == 0 and "1 evicted" in out
+    assert code == 0 and "2 evicted" in out
     code, out, _ = modeld(registry, cache_dir, "cache", "ls", "--json")
     assert code == 0 and json.loads(out) == []
