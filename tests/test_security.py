@@ -116,18 +116,24 @@ def test_tls_and_unix_socket(registry, tmp_path, certificate):
         assert deadline_ok
 
         async def over_unix():
-            for _ in range(600):
+            health = "no answer"
+            for _ in range(600):  # listening comes before loading: wait until healthy
                 try:
                     async with (
                         aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(sock))) as s,
-                        s.post(
-                            "http://modeld/invocations", json=split_payload(iris_frame(2))
-                        ) as resp,
+                        s.get("http://modeld/health") as ready,
                     ):
-                        return resp.status, await resp.json()
+                        health = await ready.text()
+                        if ready.status != 200:
+                            await asyncio.sleep(0.2)
+                            continue
+                        async with s.post(
+                            "http://modeld/invocations", json=split_payload(iris_frame(2))
+                        ) as resp:
+                            return resp.status, await resp.json()
                 except (aiohttp.ClientError, FileNotFoundError):
                     await asyncio.sleep(0.2)
-            raise AssertionError("unix socket never answered")
+            raise AssertionError(f"unix socket never healthy: {health}")
 
         status, body = asyncio.run(over_unix())
         assert status == 200 and body == {"predictions": [2, 2]}
