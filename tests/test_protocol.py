@@ -118,3 +118,43 @@ def test_encode_handles_numpy_nan_and_pandas():
 )
 def test_content_type_parsing(header, mime, params):
     assert protocol.parse_content_type(header) == (mime, params)
+
+
+def test_float32_signature_reads_the_same_as_mlflow(tmp_path):
+    """An all-float (float32) signature: every JSON form gives MLflow's enforced frame."""
+    import mlflow.pyfunc
+    import mlflow.sklearn
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from mlflow.models.utils import _enforce_schema
+    from mlflow.pyfunc.scoring_server import _parse_json_data
+    from sklearn.linear_model import LinearRegression
+
+    columns = ["a", "b"]
+    train = pd.DataFrame(
+        np.random.default_rng(3).random((20, 2), dtype=np.float32), columns=columns
+    )
+    fitted = LinearRegression().fit(train, train.a + 2 * train.b)
+    path = tmp_path / "f32"
+    signature = infer_signature(train, fitted.predict(train))
+    mlflow.sklearn.save_model(fitted, str(path), signature=signature, pip_requirements=[])
+    model = mlflow.pyfunc.load_model(str(path))
+    schema = model.metadata.get_input_schema()
+    rows = [[0.1, 3], [1e-8, 2.5], [16777217, -0.3]]
+    records = [dict(zip(columns, row, strict=True)) for row in rows]
+    documents = [
+        {"dataframe_split": {"columns": columns, "data": rows}},
+        {"dataframe_records": records},
+        {"instances": records},
+        {"inputs": {c: [row[i] for row in rows] for i, c in enumerate(columns)}},
+    ]
+    for document in documents:
+        body = orjson.dumps(document)
+        ours = protocol.decode(body, protocol.JSON, model)
+        parsed = _parse_json_data(json.loads(body), model.metadata, schema).data
+        frame = ours.model_input()
+        assert ours.conformant
+        assert frame.equals(_enforce_schema(parsed, schema))
+        assert list(frame.dtypes) == [np.float32, np.float32]
+        direct = protocol.predict(model, frame, None, conformant=True)
+        assert direct.tolist() == model.predict(parsed).tolist()
