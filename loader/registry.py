@@ -124,6 +124,9 @@ class Registry:
         self.tracking_uri: str = client._tracking_client.tracking_uri
         self.identity = identity or _redact(client._registry_uri)
         self._batch_filter_ok = True
+        #: Each registered model's last_updated_timestamp as the last resolve_many saw it:
+        #: deleting a version touches it, so a remembered version is re-checked only then.
+        self._model_stamps: dict[str, Any] = {}
         #: Number of registry calls made; tests and benchmarks read it.
         self.calls = 0
 
@@ -151,7 +154,9 @@ class Registry:
         """Resolve many refs with one batched registry request.
 
         ``known`` holds the previous answers: an alias still pointing at the same version number,
-        or a fixed version whose model still exists, costs no extra call.
+        or a fixed version, costs no extra call while its registered model is unchanged (its
+        last-updated time, which deleting a version moves, is what it was at the last call);
+        after a change such a version is fetched again, so a deleted one is reported.
 
         Raises:
             RegistryUnavailable: the registry cannot be reached (nothing could be resolved).
@@ -167,13 +172,17 @@ class Registry:
             return out
         names = sorted({r.name for r in registry_refs if r.name is not None})
         models = self._fetch_models(names)
+        stamps = {n: getattr(rm, "last_updated_timestamp", None) for n, rm in models.items()}
         for ref in registry_refs:
+            name = ref.name
+            unchanged = name in self._model_stamps and self._model_stamps[name] == stamps.get(name)
             try:
-                out[ref] = self._pick(ref, models.get(ref.name), known.get(ref))
+                out[ref] = self._pick(ref, models.get(name), known.get(ref) if unchanged else None)
             except RegistryUnavailable:
                 raise
             except LoaderError as exc:
                 out[ref] = exc
+        self._model_stamps.update(stamps)
         return out
 
     def _fetch_models(self, names: list[str]) -> dict[str, Any]:

@@ -432,3 +432,28 @@ async def test_warmup_payload_and_memory_swap(aiohttp_client, registry, cache_di
     status = await (await client.get(f"/models/{name}")).json()
     assert status["version"] is None and status["state"] == "failed"  # the memory-swap gap
     assert (await client.get("/health")).status == 503
+
+
+async def test_deleted_pinned_version_keeps_serving_and_is_reported(
+    aiohttp_client, registry, cache_dir
+):
+    client_reg = registry.client()
+    for k in (1, 2, 3):
+        register(client_reg, "fading", registry.models[f"const{k}"])
+    config = make_config(
+        registry, cache_dir, "fading=models:/fading/2", registry__poll_interval_s=POLL_S
+    )
+    client = await start(aiohttp_client, config)
+    assert await served(client, "fading") == 2
+
+    await run(client_reg.delete_model_version, "fading", "2")
+
+    async def reported():
+        status = await (await client.get("/models/fading")).json()
+        return status if status["problem"] else None
+
+    status = await until(reported)
+    assert status and "fading" in status["problem"] and status["version"] == 2, status
+    resp = await client.post("/models/fading/invocations", json=split_payload(iris_frame(2)))
+    assert resp.status == 200 and (await resp.json()) == {"predictions": [2, 2]}
+    assert resp.headers["X-Model-Version"] == "2"

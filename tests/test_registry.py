@@ -159,3 +159,32 @@ def test_backend_refusing_in_filter_falls_back_to_per_model_calls(registry, capl
         assert isinstance(out[refs[3]], ModelNotFound)
     assert NoInFilter.refused == 1  # remembered: the batch is not retried every poll
     assert "polling per model" in caplog.text
+
+
+def test_deleted_fixed_version_is_reported_without_a_call_per_poll(registry):
+    """A fixed version that is not among the model's latest costs no call while the model is
+    unchanged; once a version is deleted (which touches the registered model) it is fetched
+    again, and its deletion is reported instead of being served as if it still existed."""
+
+    class Counting(MlflowClient):
+        gets = 0
+
+        def get_model_version(self, name, version):
+            Counting.gets += 1
+            return super().get_model_version(name, version)
+
+    client = registry.client()
+    for k in (1, 2, 3):
+        register(client, "doomed", registry.models[f"const{k}"])
+    reg = Registry(Counting(tracking_uri=registry.uri, registry_uri=registry.uri))
+    ref = parse_uri("models:/doomed/1")  # version 3 is the latest: 1 is not in the batch answer
+    first = reg.resolve_many([ref])[ref]
+    assert first.version == 1 and Counting.gets == 1
+    for _ in range(3):
+        assert reg.resolve_many([ref], known={ref: first})[ref].version == 1
+    assert Counting.gets == 1  # unchanged model: the remembered answer stands
+
+    client.delete_model_version("doomed", "1")
+    gone = reg.resolve_many([ref], known={ref: first})[ref]
+    assert isinstance(gone, ModelNotFound) and "doomed" in str(gone)
+    assert Counting.gets == 2
