@@ -44,6 +44,14 @@ def wait_http(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None 
     raise TimeoutError(url)
 
 
+def modeld_serve(*args: str) -> list[str]:
+    """The command line of ``modeld serve`` on 127.0.0.1 with ``args``, quiet (WARNING)."""
+    return [
+        sys.executable, "-m", "serving", "serve", "--host", "127.0.0.1", *args,
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+
+
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     fh = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH.

@@ -33,6 +33,7 @@ from bench.common import (  # noqa: E402
     closed_loop,
     free_port,
     log_models,
+    modeld_serve,
     start,
     stop,
     tree_rss_mb,
@@ -128,22 +129,9 @@ def launch(kind: str, uri: str, tracking: str, root: Path) -> dict:
             "1",
         ]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "serving",
-            "serve",
-            "-m",
-            uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--cache-dir",
-            str(root / "modeld-cache"),
-            "--log-level",
-            "WARNING",
-        ]
+        cmd = modeld_serve(
+            "-m", uri, "--port", str(port), "--cache-dir", str(root / "modeld-cache")
+        )
     t0 = time.monotonic()
     ready = "/v2/health/ready" if kind.startswith("mlserver") else "/ping"
     log = root / f"{kind}-{port}.log"

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     MlflowServer,
     free_port,
+    modeld_serve,
     pins,
     start,
     stop,
@@ -123,11 +124,7 @@ def main() -> None:
                 ("push (admin refresh)", 10.0, True, 50),
             ):
                 port = free_port()
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "serving",
-                    "serve",
+                cmd = modeld_serve(
                     "-m",
                     "iris=models:/iris@live",
                     "--port",
@@ -136,9 +133,7 @@ def main() -> None:
                     str(root / "cache"),
                     "--poll-interval",
                     str(interval),
-                    "--log-level",
-                    "WARNING",
-                ]
+                )
                 proc = start(
                     cmd, root / f"modeld-{port}.log", env={"MLFLOW_TRACKING_URI": registry.url}
                 )

@@ -62,13 +62,12 @@ class Daemon:
         """
         gc.disable()
         try:
-            self.manager = await self.in_load_pool(self._build_manager)
-        except Exception as exc:  # the server keeps answering probes with the reason
-            self.start_error = f"{type(exc).__name__}: {exc}"
-            log.exception("modeld could not start its model pipeline")
-            gc.enable()
-            return
-        try:
+            try:
+                self.manager = await self.in_load_pool(self._build_manager)
+            except Exception as exc:  # the server keeps answering probes with the reason
+                self.start_error = f"{type(exc).__name__}: {exc}"
+                log.exception("modeld could not start its model pipeline")
+                return
             await self.refresh()
         finally:
             gc.freeze()

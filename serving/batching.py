@@ -42,7 +42,6 @@ class _Job:
     future: asyncio.Future[bytes]
     loop: asyncio.AbstractEventLoop
     request: protocol.Decoded | None = None
-    rows: int = 0
     key: Any = field(default=None)
 
 
@@ -191,9 +190,8 @@ class RouteWorker:
             )
         except TypeError:
             return None
-        job.rows = request.rows
-        if request.matrix is not None:  # conformant: the signature fixes columns and dtypes
-            shape = ("matrix", request.matrix.dtype.str, tuple(request.columns or ()))
+        if request.matrix is not None:  # conformant: the model (in the key) fixes columns, dtype
+            shape: tuple[Any, ...] = ("matrix",)
         else:
             import pandas as pd
 
@@ -232,7 +230,7 @@ class RouteWorker:
             for job in group:  # attribute the failure to the request(s) that cause it
                 self._predict_one(job)
             return
-        parts = _split(result, [j.rows for j in group], total)
+        parts = _split(result, [j.request.rows for j in group], total)  # type: ignore[union-attr]
         if parts is None:
             self._unbatchable.set(model, True)
             log.warning(

@@ -46,7 +46,7 @@ class ModelMemo:
 
 
 _MISSING = object()
-#: Per-model answer of _numeric_layout (its signature does not change once loaded).
+#: Per-model answer of numeric_layout (its signature does not change once loaded).
 _LAYOUTS = ModelMemo()
 _DIRECT = ModelMemo()
 
@@ -270,7 +270,7 @@ def _decode_json(body: bytes, model: Any, schema: Any) -> Decoded:
         raise ProtocolError(
             400, "BAD_REQUEST", _required_format(f"received several: {', '.join(present)}")
         )
-    fast = _numeric_matrix(document, schema, model)
+    fast = _numeric_matrix(document, model)
     if fast is not None:
         matrix, columns = fast
         return Decoded(params=params, conformant=True, matrix=matrix, columns=columns)
@@ -278,7 +278,7 @@ def _decode_json(body: bytes, model: Any, schema: Any) -> Decoded:
     return Decoded(parsed.data, parsed.params, parsed.is_unified_llm_input)
 
 
-def _numeric_matrix(document: dict[str, Any], schema: Any, model: Any) -> Any:
+def _numeric_matrix(document: dict[str, Any], model: Any) -> Any:
     """The common case read directly: a model whose signature is all required double (or all
     float) columns, and a request carrying exactly those columns, every cell a JSON number, as
 
@@ -293,7 +293,7 @@ def _numeric_matrix(document: dict[str, Any], schema: Any, model: Any) -> Any:
     dtypes and RangeIndex), in a tenth of the time. Anything else returns None and takes
     MLflow's own path.
     """
-    layout = _numeric_layout(schema, model)
+    layout = numeric_layout(model)
     keys = [k for k in document if k != "params"]
     if layout is None or len(keys) != 1:
         return None
@@ -361,18 +361,14 @@ def _all_numbers(cells: list[Any]) -> bool:
 
 def numeric_layout(model: Any) -> tuple[Any, list[str]] | None:
     """(numpy dtype, input names) of a model whose signature is all required double (or all
-    float) columns, else None: the models whose requests can take the conformant path."""
-    return _numeric_layout(predict_input_schema(model), model)
-
-
-def _numeric_layout(schema: Any, model: Any) -> tuple[Any, list[str]] | None:
-    """(numpy dtype, input names) when every input column is a required double (or every one
-    a required float), else None; remembered per model."""
+    required float) columns, else None: the models whose requests can take the conformant
+    path; remembered per model."""
     cached = _LAYOUTS.get(model, _MISSING)
     if cached is not _MISSING:
         return cached
     layout = None
     try:
+        schema = predict_input_schema(model)
         # A signature from type hints gets its "inputs" unparsed (MLflow's rule): no fast path.
         from_hints = model.metadata._is_signature_from_type_hint()
         if (
