@@ -116,9 +116,8 @@ async def model_invocations(request: web.Request) -> web.Response:
 
 
 async def _invoke(request: web.Request, daemon: Daemon, name: str) -> web.Response:
-    handle = serving_handle(
-        daemon, name
-    )  # one handle for the whole request, whatever swaps meanwhile
+    # One handle for the whole request, whatever swaps meanwhile.
+    handle = serving_handle(daemon, name)
     mime = protocol.check_content_type(request.headers.get("Content-Type"))
     body = await request.read()
     work = daemon.worker(name).submit(handle, body, protocol.MlflowCodec(mime))
@@ -152,11 +151,12 @@ def serving_handle(daemon: Daemon, name: str) -> ModelHandle:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format; collected in the load executor (the cache index is on disk)."""
+    """Prometheus text format, collected off the loop (the cache index is on disk) and not in
+    the load executor: a scrape must not wait behind a model that takes minutes to load."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
     daemon = _daemon(request)
-    body = await daemon.in_load_pool(daemon.metrics.exposition)
+    body = await asyncio.to_thread(daemon.metrics.exposition)
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

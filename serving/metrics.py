@@ -1,8 +1,8 @@
 """Prometheus metrics (prometheus-client), one registry per app (no globals).
 
 Request metrics come from a middleware; lifecycle metrics from the manager's observer events;
-cache, model info and dependency figures are read at scrape time (in the load executor: the
-cache index is on disk).
+cache, model info and dependency figures are read at scrape time (in a worker thread: the cache
+index is on disk; not in the load executor, which a long load holds).
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 Each model with its ref, served version, stage and aliases, state, last swap, rejected versions
 with reasons and the dependency report; cache usage; registry reachability. Rendered on the
-server (the cache figures come from disk, in the load executor) and refreshed by the browser.
+server (the cache figures come from disk, read in a worker thread) and refreshed by the browser.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from html import escape
 from typing import Any
@@ -25,7 +26,7 @@ async def status_page(request: web.Request) -> web.Response:
         body = _page("starting", [], {}, {"reachable": None}, daemon.start_error)
     else:
         status = manager.status()
-        cache = await daemon.in_load_pool(_cache_usage, manager.source.cache)
+        cache = await asyncio.to_thread(_cache_usage, manager.source.cache)  # not behind loads
         body = _page("running", status["models"], cache, status["registry"], None)
     return web.Response(text=body, content_type="text/html", charset="utf-8")
 

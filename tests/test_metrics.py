@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import mlflow.pyfunc
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.app import DAEMON, create_app
 from tests.helpers import iris_frame
 from tests.test_http import make_config, split_payload, start
 
@@ -63,3 +65,36 @@ def test_json_log_lines(capsys):
     finally:
         logging.getLogger().handlers[:] = []
         logging.captureWarnings(False)
+
+
+class SlowLoad(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        import time
+
+        time.sleep(6)
+
+    def predict(self, context, model_input, params=None):
+        return [0] * len(model_input)
+
+
+async def test_metrics_and_status_answer_while_a_model_loads(
+    aiohttp_client, registry, cache_dir, tmp_path
+):
+    """A scrape (or the status page) does not queue behind a load that takes a while."""
+    import asyncio
+    import time
+
+    path = tmp_path / "slow"
+    mlflow.pyfunc.save_model(str(path), python_model=SlowLoad(), pip_requirements=[])
+    app = create_app(make_config(registry, cache_dir, "models:/iris/2", f"slow={path}"))
+    client = await aiohttp_client(app)
+    for _ in range(200):  # until the pipeline exists and the slow load is under way
+        if app[DAEMON].manager is not None:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    for route in ("/metrics", "/"):
+        started = time.monotonic()
+        resp = await client.get(route)
+        assert resp.status == 200 and time.monotonic() - started < 3, route
+    assert (await client.get("/health")).status == 503  # still loading: the check meant it
