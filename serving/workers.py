@@ -82,7 +82,10 @@ def supervise(argv: Sequence[str], workers: int, *, drain_timeout_s: float) -> i
                     "worker %d (pid %d) exited with %s: restarting", index + 1, proc.pid, code
                 )
                 if len(restarts) > RESTARTS_BEFORE_BACKOFF:
-                    time.sleep(min(30.0, 2.0 ** (len(restarts) - RESTARTS_BEFORE_BACKOFF)))
+                    backoff = min(30.0, 2.0 ** (len(restarts) - RESTARTS_BEFORE_BACKOFF))
+                    until = time.monotonic() + backoff
+                    while not stopping and time.monotonic() < until:  # SIGTERM ends the wait
+                        time.sleep(0.2)
                 if not stopping:
                     spawn(index)
     finally:
