@@ -45,8 +45,11 @@ def test_runs_uri(registry, cache_dir, tmp_path):
 
     X = iris_frame(10)
     model = DummyClassifier(strategy="constant", constant=7).fit(X, [7] * 10)
-    mlflow.set_experiment("runs-uri")
-    with mlflow.start_run() as run:
+    # Artifacts under tmp_path: the sqlite store's default root is ./mlruns in the checkout.
+    experiment = mlflow.create_experiment(
+        f"runs-uri-{tmp_path.name}", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.sklearn.log_model(model, name="m", pip_requirements=pins(*BASE_REQUIREMENTS))
     loaded = loader.load_model(f"runs:/{run.info.run_id}/m", cache_dir=cache_dir)
     assert int(loaded.predict(X)[0]) == 7
