@@ -12,6 +12,7 @@ from loader.cache import ModelCache, Verify
 from loader.deps import DependencyPolicy, Match, Policy
 from loader.errors import LoaderError
 from loader.pipeline import ModelSource
+from loader.pyfunc import import_ahead_of_mlflow
 from loader.registry import Registry, bound_http_retries
 from loader.uri import parse_uri
 
@@ -44,6 +45,7 @@ def make_source(
         ConfigError: a bad option value.
         CacheError: the cache directory cannot be used.
     """
+    import_ahead_of_mlflow()
     from mlflow import MlflowClient
 
     bound_http_retries()

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 from loader.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
+
+
+def import_ahead_of_mlflow() -> None:
+    """Import ``scipy.special`` before MLflow, once per process, when skops is installed.
+
+    skops (MLflow 3's default, safe format for scikit-learn models) names each of the ~800
+    numpy and scipy ufuncs on import by scanning ``sys.modules`` in import order for it. With
+    MLflow's ~1,500 modules imported first, the first skops load spends ~0.5 s in that scan;
+    with scipy.special (and numpy) ahead of them it takes a few ms. Measured on the benchmark
+    models: importing MLflow, scikit-learn and skops goes from ~2.4 s to ~1.9 s. Costs ~0.1 s
+    where no skops model is ever loaded; does nothing once MLflow is imported (too late).
+    """
+    if "mlflow" in sys.modules or importlib.util.find_spec("skops") is None:
+        return
+    with contextlib.suppress(ImportError):  # scipy comes with scikit-learn; else as before
+        import scipy.special  # noqa: F401
 
 
 class PyFuncLoader:

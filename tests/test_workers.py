@@ -116,3 +116,55 @@ def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
         _, err = proc.communicate(timeout=30)
     assert err.count("cached iris@2 (") == 1, err[-3000:]  # one download across workers
     assert "restarting" in err
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_sigterm_ends_a_restart_backoff(tmp_path):
+    """A worker dying over and over puts the supervisor in a growing backoff (2 s, 4 s, ...);
+    SIGTERM during it must stop everything at once, not when the backoff ends."""
+    model = save_slow_model(tmp_path / "slow", answer=1)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve", "--workers", "2", "--port", str(port),
+         "-m", f"slow={model}", "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
+        steady = min(_children(proc.pid))  # left alone: it drains at SIGTERM
+        for death in range(1, 8):  # deaths 6 and 7 start 2 s and 4 s backoffs
+            victims = _children(proc.pid) - {steady}
+            for _ in range(100):  # bounded: the respawn (after any backoff) shows up
+                if victims:
+                    break
+                time.sleep(0.1)
+                victims = _children(proc.pid) - {steady}
+            assert victims, f"no worker to kill before death {death}"
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(100):  # bounded: wait until the supervisor has reaped it
+                if not (_children(proc.pid) & victims):
+                    break
+                time.sleep(0.05)
+        time.sleep(0.5)  # the supervisor is now 0.5 s into a 4 s backoff
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < 2.5
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    assert err.count("restarting") == 7, err[-3000:]
