@@ -8,6 +8,7 @@ Exit codes: 0 done, 1 the operation failed (or ``check`` found what strict would
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -230,12 +231,12 @@ class _Progress:
     def _run(self) -> None:
         prefix = f"{os.getpid()}."
         while not self._stop.wait(0.5):
-            done = 0
+            done, total = 0, None
             for d in self.tmp.glob(f"*.{prefix}*"):
-                done += sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-            total = _expected_size(self.tmp.parent / "meta")
-            if done < PROGRESS_MIN_BYTES and not self._shown:
-                continue
+                done += _size(d)
+                total = total or _expected_size(d)  # MLmodel is small: it lands early
+            if not done or (done < PROGRESS_MIN_BYTES and not self._shown):
+                continue  # nothing yet, or already renamed into the cache: keep the last line
             self._shown = True
             bar = ""
             if total:
@@ -244,12 +245,23 @@ class _Progress:
             print(f"\r{self.label}: {bar}{done / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
 
 
-def _expected_size(meta_root: Path) -> int | None:
-    """MLflow records ``model_size_bytes`` in MLmodel: the newest metadata entry has it."""
+def _size(root: Path) -> int:
+    """Bytes under ``root`` so far (a download the cache renames into place meanwhile stops
+    counting rather than raising)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for path in root.rglob("*"):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
+def _expected_size(download: Path) -> int | None:
+    """The ``model_size_bytes`` MLflow records in ``MLmodel``, once it is in ``download``."""
     import yaml
 
     try:
-        newest = max(meta_root.rglob("MLmodel"), key=lambda p: p.stat().st_mtime)
-        return int(yaml.safe_load(newest.read_text()).get("model_size_bytes") or 0) or None
-    except (ValueError, OSError, AttributeError, TypeError, yaml.YAMLError):
+        mlmodel = next(download.rglob("MLmodel"))
+        return int(yaml.safe_load(mlmodel.read_text()).get("model_size_bytes") or 0) or None
+    except (StopIteration, ValueError, OSError, AttributeError, TypeError, yaml.YAMLError):
         return None

@@ -66,3 +66,36 @@ def test_pull_resolve_check_and_cache(registry, cache_dir):
     assert code == 0 and "2 evicted" in out
     code, out, _ = modeld(registry, cache_dir, "cache", "ls", "--json")
     assert code == 0 and json.loads(out) == []
+
+
+def test_pull_progress_line_for_a_large_download(tmp_path, capsys):
+    """The progress line reads the download landing in the cache's tmp/ (total from the MLmodel
+    in it), and the download being renamed into place under it raises nothing."""
+    import threading
+    import time
+
+    from serving.ops import _Progress
+
+    tmp = tmp_path / "tmp"
+    download = tmp / f"big__3-abc.{os.getpid()}.1f2e3d4c" / "artifacts"
+    errors = []
+    hook, threading.excepthook = threading.excepthook, errors.append
+    try:
+        with _Progress(tmp, "big@3"):
+            download.mkdir(parents=True)
+            (download / "MLmodel").write_text(f"model_size_bytes: {8 * 2**20}\n")
+            with open(download / "model.skops", "wb") as fh:
+                for _ in range(8):  # 8 MB over ~1.6 s: the line shows at least twice
+                    fh.write(os.urandom(2**20))
+                    fh.flush()
+                    time.sleep(0.2)
+            time.sleep(0.7)  # a tick sees all of it
+            download.parent.rename(tmp_path / "done")  # as the cache publishes an entry
+            time.sleep(0.7)  # a tick sees nothing left
+    finally:
+        threading.excepthook = hook
+    assert errors == []
+    err = capsys.readouterr().err
+    lines = err.split("\r")
+    assert any(line.startswith("big@3: [#") and "% " in line for line in lines), err
+    assert lines[-1] == "big@3: [##############################] 100% 8.4 MB\n", err
