@@ -37,6 +37,7 @@ def make_source(
     dependency_ignore: tuple[str, ...] | list[str] = (),
     verify: Verify = "size",
     max_cache_bytes: int | None = None,
+    keep_versions: int | None = None,
     snapshots: bool = True,
 ) -> ModelSource:
     """Build the shared pipeline (registry client + cache + policy) from plain options.
@@ -52,7 +53,9 @@ def make_source(
     policy = DependencyPolicy(dependency_policy, dependency_match, tuple(dependency_ignore))
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     cache = ModelCache(
-        Path(cache_dir) if cache_dir else default_cache_dir(), max_bytes=max_cache_bytes
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        max_bytes=max_cache_bytes,
+        keep_versions=keep_versions,
     )
     return ModelSource(
         Registry(client), cache, dependency_policy=policy, verify=verify, snapshots=snapshots

@@ -15,6 +15,7 @@ and the files match it, so a crash at any moment never leaves a half-written ent
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -77,6 +78,9 @@ class ModelCache:
         root: cache directory (created 0700).
         max_bytes: size limit; least-recently-used entries are evicted past it, never one that
             is pinned or held by :meth:`lease` in any process.
+        keep_versions: per registered model (and registry), keep at most this many versions:
+            the least recently used beyond it are evicted after each download (same
+            exemptions), so following a moving alias for weeks does not fill the disk.
         lock_timeout_s: how long to wait for another process downloading the same key.
         observer: called as ``observer(event)`` for ``"hit"``, ``"miss"`` and ``"eviction"``
             (the daemon counts them in its metrics, across worker processes).
@@ -90,14 +94,18 @@ class ModelCache:
         root: str | os.PathLike[str],
         *,
         max_bytes: int | None = None,
+        keep_versions: int | None = None,
         lock_timeout_s: float = LOCK_TIMEOUT_S,
         observer: Callable[[str], None] | None = None,
     ) -> None:
         self.observer = observer
         if max_bytes is not None and max_bytes < 0:
             raise ConfigError("cache.max_bytes", max_bytes, "a size in bytes >= 0")
+        if keep_versions is not None and keep_versions < 1:
+            raise ConfigError("cache.keep_versions", keep_versions, "a count >= 1")
         self.root = Path(root).expanduser().resolve()
         self.max_bytes = max_bytes
+        self.keep_versions = keep_versions
         self.lock_timeout_s = lock_timeout_s
         try:
             for sub in ("", "models", "meta", "tmp", "locks"):
@@ -351,28 +359,42 @@ class ModelCache:
     def total_bytes(self) -> int:
         return sum(e["bytes"] for e in self.entries())
 
-    def evict(self, max_bytes: int | None = None) -> list[str]:
-        """Evict least-recently-used entries until the cache fits ``max_bytes``.
+    def evict(self, max_bytes: int | None = None, *, keep_versions: int | None = None) -> list[str]:
+        """Evict the least recently used versions of each registered model beyond
+        ``keep_versions``, then least-recently-used entries until the cache fits ``max_bytes``
+        (each defaults to the cache's own limit; None: no limit).
 
-        Pinned entries and entries leased by any process are never evicted.
+        Pinned entries and entries leased by any process are never evicted (they still count).
         Returns the evicted keys.
         """
         limit = self.max_bytes if max_bytes is None else max_bytes
-        if limit is None:
-            return []
-        entries = sorted(self.entries(), key=lambda e: e["last_used"])
-        total = sum(e["bytes"] for e in entries)
-        evicted = []
-        for entry in entries:
-            if total <= limit:
-                break
-            if entry["pinned"] or not self._try_evict(entry["key"]):
-                continue
-            total -= entry["bytes"]
-            evicted.append(entry["key"])
-            self._count("evictions")
-            log.info("evicted %s from the cache (%d bytes)", entry["key"], entry["bytes"])
+        keep = self.keep_versions if keep_versions is None else keep_versions
+        newest_first = sorted(self.entries(), key=lambda e: e["last_used"], reverse=True)
+        evicted: list[str] = []
+        if keep is not None:
+            seen: collections.Counter[tuple[str, str]] = collections.Counter()
+            for entry in newest_first:
+                model = (entry["version"]["registry"], entry["version"]["name"])
+                seen[model] += 1
+                if seen[model] > keep and self._evict_entry(entry, f"beyond {keep} versions"):
+                    evicted.append(entry["key"])
+        if limit is not None:
+            rest = [e for e in reversed(newest_first) if e["key"] not in evicted]
+            total = sum(e["bytes"] for e in rest)
+            for entry in rest:
+                if total <= limit:
+                    break
+                if self._evict_entry(entry, f"over {limit} bytes"):
+                    total -= entry["bytes"]
+                    evicted.append(entry["key"])
         return evicted
+
+    def _evict_entry(self, entry: dict[str, Any], why: str) -> bool:
+        if entry["pinned"] or not self._try_evict(entry["key"]):
+            return False
+        self._count("evictions")
+        log.info("evicted %s from the cache (%d bytes, %s)", entry["key"], entry["bytes"], why)
+        return True
 
     def _try_evict(self, key: str) -> bool:
         use = self.root / "locks" / f"{_slug(key)}.use"

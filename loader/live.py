@@ -31,6 +31,8 @@ class LiveModel:
         uri: any model URI ``load_model`` accepts.
         poll_interval_s: seconds between registry polls (with jitter; backoff while it fails).
         on_swap: called as ``on_swap(old_handle, new_handle)`` from the polling thread.
+        keep_versions: versions of the model the disk cache keeps (the least recently used
+            beyond it are evicted when a new one arrives; None: all), as the daemon does.
         Other keywords are those of :func:`loader.load_model`.
 
     Raises:
@@ -44,6 +46,7 @@ class LiveModel:
         *,
         poll_interval_s: float = 10.0,
         on_swap: Callable[[ModelHandle | None, ModelHandle], None] | None = None,
+        keep_versions: int | None = 3,
         cache_dir: str | os.PathLike[str] | None = None,
         dependency_policy: Policy = "warn",
         dependency_match: Match = "minor",
@@ -62,6 +65,7 @@ class LiveModel:
             dependency_policy=dependency_policy,
             dependency_match=dependency_match,
             dependency_ignore=dependency_ignore,
+            keep_versions=keep_versions,
         )
         self.manager = ModelManager(source, on_swap=self._swapped, retry_base_s=retry_base_s)
         self.manager.add(ROUTE, os.fspath(uri), warmup=warmup)

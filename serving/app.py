@@ -92,6 +92,7 @@ class Daemon:
             dependency_ignore=c.dependencies.ignore,
             verify=c.cache.verify,
             max_cache_bytes=c.cache.max_bytes or None,
+            keep_versions=c.cache.keep_versions or None,
             snapshots=c.cache.snapshots,
         )
         source.cache.observer = self.metrics.cache_event

@@ -62,6 +62,7 @@ class RegistryConfig:
 class CacheConfig:
     dir: str = ""
     max_bytes: int = 0
+    keep_versions: int = 3
     verify: str = "size"
     snapshots: bool = True
 
@@ -345,6 +346,10 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(f"admin.webhook_max_age_s = {admin.webhook_max_age_s}: expected > 0")
     if config.cache.max_bytes < 0:
         problems.append(f"cache.max_bytes = {config.cache.max_bytes}: expected >= 0 (0: no limit)")
+    if config.cache.keep_versions < 0:
+        problems.append(
+            f"cache.keep_versions = {config.cache.keep_versions}: expected >= 0 (0: keep all)"
+        )
     if config.cache.verify not in VERIFY_MODES:
         problems.append(f"cache.verify = {config.cache.verify!r}: expected one of {VERIFY_MODES}")
     d = config.dependencies

@@ -43,6 +43,9 @@ def add_commands(sub: Any) -> None:
     cache = sub.add_parser("cache", help="inspect or tidy the disk cache")
     cache.add_argument("action", choices=("ls", "verify", "gc"))
     cache.add_argument("--max-bytes", type=int, help="gc: evict down to this size")
+    cache.add_argument(
+        "--keep-versions", type=int, help="gc: keep this many versions of each model"
+    )
     _common(cache)
 
 
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             dependency_match=config.dependencies.match,  # type: ignore[arg-type]
             dependency_ignore=config.dependencies.ignore,
             max_cache_bytes=config.cache.max_bytes or None,
+            keep_versions=config.cache.keep_versions or None,
             snapshots=config.cache.snapshots,
         )
         return {"pull": _pull, "resolve": _resolve, "check": _check, "cache": _cache}[args.command](
@@ -201,10 +205,18 @@ def _cache(source: Any, args: argparse.Namespace) -> int:
         _print(args, report, "\n".join([*lines, f"{len(report)} checked, {len(damaged)} damaged"]))
         return 1 if damaged else 0
     limit = args.max_bytes if args.max_bytes is not None else cache.max_bytes
-    if limit is None:
-        print("modeld cache gc: give --max-bytes or set cache.max_bytes", file=sys.stderr)
+    keep = args.keep_versions if args.keep_versions is not None else cache.keep_versions
+    if limit is None and keep is None:
+        print(
+            "modeld cache gc: give --max-bytes or --keep-versions, or set cache.max_bytes or "
+            "cache.keep_versions",
+            file=sys.stderr,
+        )
         return 2
-    evicted = cache.evict(limit)
+    if keep is not None and keep < 1:
+        print(f"modeld cache gc: --keep-versions {keep}: expected >= 1", file=sys.stderr)
+        return 2
+    evicted = cache.evict(limit, keep_versions=keep)
     _print(args, evicted, "\n".join([*evicted, f"{len(evicted)} evicted"]))
     return 0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loader import CacheError, ModelCache, make_source, parse_uri
+from loader import CacheError, ConfigError, ModelCache, make_source, parse_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,6 +135,28 @@ def test_eviction_keeps_limit_and_spares_pinned_and_leased(source):
     evicted = cache.evict(max_bytes=sizes[keys[1]])
     assert evicted == [keys[0]]
     assert cache.total_bytes() <= sizes[keys[1]]
+
+
+def test_keep_versions_per_model_spares_leased_and_other_models(registry, cache_dir):
+    source = make_source(
+        cache_dir=cache_dir, tracking_uri=registry.uri, registry_uri=registry.uri, keep_versions=2
+    )
+    cache = source.cache
+    other = source.prepare(version_of(source, "models:/bad-deps/Production")).cache_key
+    keys = []
+    for n in (1, 2):
+        time.sleep(0.01)
+        keys.append(source.prepare(version_of(source, f"models:/iris/{n}")).cache_key)
+    time.sleep(0.01)
+    with cache.lease(keys[0]):  # loaded somewhere: beyond the limit, but kept
+        keys.append(source.prepare(version_of(source, "models:/iris/3")).cache_key)
+        assert {e["key"] for e in cache.entries()} == {other, *keys}
+    assert cache.evict() == [keys[0]]  # free now: the least recently used iris goes
+    assert {e["key"] for e in cache.entries()} == {other, keys[1], keys[2]}
+    assert source.prepare(version_of(source, "models:/iris/1")).downloaded  # fetched again...
+    assert {e["key"] for e in cache.entries()} == {other, keys[0], keys[2]}  # ...evicting iris@2
+    with pytest.raises(ConfigError, match="keep_versions.*0"):
+        ModelCache(cache_dir, keep_versions=0)
 
 
 def test_download_without_mlmodel_is_refused_and_leaves_nothing(source):

@@ -98,6 +98,9 @@ colour = "blue"
 [dependencies]
 policy = "fail"
 
+[cache]
+keep_versions = -1
+
 [[models]]
 name = "a"
 uri = "models:/iris/Prod"
@@ -116,6 +119,7 @@ swap = "sometimes"
         "server.max_batch_size = 0",
         "server.colour: unknown key",
         "dependencies.policy = 'fail'",
+        "cache.keep_versions = -1: expected >= 0 (0: keep all)",
         "unknown stage 'Prod'",
         "used by two models",
         "swap = 'sometimes'",

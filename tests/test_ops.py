@@ -67,6 +67,15 @@ def test_pull_resolve_check_and_cache(registry, cache_dir):
     code, out, _ = modeld(registry, cache_dir, "cache", "ls", "--json")
     assert code == 0 and json.loads(out) == []
 
+    for n in (1, 2):  # the older one first: least recently used
+        assert modeld(registry, cache_dir, "pull", f"models:/iris/{n}", "--no-load")[0] == 0
+    code, _, err = modeld(registry, cache_dir, "cache", "gc", "--keep-versions", "0")
+    assert code == 2 and "--keep-versions 0: expected >= 1" in err
+    code, out, _ = modeld(registry, cache_dir, "cache", "gc", "--keep-versions", "1")
+    assert code == 0 and "1 evicted" in out
+    code, out, _ = modeld(registry, cache_dir, "cache", "ls", "--json")
+    assert [e["version"]["version"] for e in json.loads(out)] == [2]
+
 
 def test_pull_progress_line_for_a_large_download(tmp_path, capsys):
     """The progress line reads the download landing in the cache's tmp/ (total from the MLmodel
