@@ -119,9 +119,10 @@ class Daemon:
         old = self.config
         for section in ("server", "registry", "cache", "dependencies", "admin"):
             before_s, after_s = getattr(old, section), getattr(new, section)
-            if section == "registry":  # the poll interval applies live, the rest does not
-                before_s = dataclasses.replace(before_s, poll_interval_s=0)
-                after_s = dataclasses.replace(after_s, poll_interval_s=0)
+            live = {"registry": "poll_interval_s", "server": "predict_threads"}.get(section)
+            if live:  # these apply without a restart, the rest does not
+                before_s = dataclasses.replace(before_s, **{live: 0})
+                after_s = dataclasses.replace(after_s, **{live: 0})
             if before_s != after_s:
                 log.warning("config: [%s] changed; it takes effect after a restart", section)
         if old.registry.poll_interval_s != new.registry.poll_interval_s:
@@ -150,11 +151,11 @@ class Daemon:
             return changed
 
         changed = await self.in_load_pool(apply)
-        for name in before.keys() - after.keys():
-            worker = self.workers.pop(name, None)
-            if worker is not None:
-                await self.in_load_pool(worker.close)
         self.config = new
+        for name, worker in list(self.workers.items()):
+            if name not in after or worker.threads != self.predict_threads(name):
+                del self.workers[name]  # the next request starts a new one; this one drains
+                await asyncio.to_thread(worker.close)
         if self.follower is not None:
             self.follower.sync_model_watches()
         if changed:
@@ -173,10 +174,15 @@ class Daemon:
                 route,
                 max_batch_size=server.max_batch_size,
                 max_batch_delay_s=server.max_batch_delay_ms / 1000,
+                threads=self.predict_threads(route),
                 on_batch=self.metrics.batch_size.labels(route).observe,
             )
             self.workers[route] = worker
         return worker
+
+    def predict_threads(self, route: str) -> int:
+        model = next((m for m in self.config.models if m.name == route), None)
+        return (model.predict_threads if model else 0) or self.config.server.predict_threads
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -5,8 +5,10 @@ them concatenated (same columns and dtypes, identical ``params``) and each reque
 its own rows back. An idle server adds no delay: a lone request is predicted at once, unless
 ``max_batch_delay_ms`` asks to wait for company. Each request is decoded (validated) on its own
 before it joins a batch, and a batch that fails is re-run one request at a time, so bad input in
-one request never fails the others. One predict per model at a time: concurrent ``predict``
-calls on one model only fight (DESIGN.md).
+one request never fails the others. One predict per model at a time by default: concurrent
+``predict`` calls on a CPU-bound model only fight (DESIGN.md). A model that waits on I/O (a
+pyfunc calling a remote service) is given more threads (``predict_threads``), each taking
+batches from the same queue.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class RouteWorker:
         *,
         max_batch_size: int = 32,
         max_batch_delay_s: float = 0.0,
+        threads: int = 1,
         on_batch: Callable[[int], None] | None = None,
     ):
         self.route = route
@@ -73,10 +76,17 @@ class RouteWorker:
         self._predict_s: float | None = None  # moving average of one batch's processing time
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._unbatchable = protocol.ModelMemo()
-        self._thread = threading.Thread(
-            target=self._run, name=f"modeld-predict-{route}", daemon=True
-        )
-        self._thread.start()
+        self._stats_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"modeld-predict-{route}-{i}", daemon=True)
+            for i in range(max(1, threads))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def threads(self) -> int:
+        return len(self._threads)
 
     def submit(
         self, handle: ModelHandle, body: bytes, codec: protocol.Codec
@@ -88,9 +98,12 @@ class RouteWorker:
         return future
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Finish what is queued, then stop the thread."""
-        self._queue.put(_STOP)
-        self._thread.join(timeout_s)
+        """Finish what is queued, then stop the threads (each takes one stop mark)."""
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- the worker thread --------------------------------------------------------------------
 
@@ -256,9 +269,10 @@ class RouteWorker:
     def _count(self, n: int) -> None:
         if self._on_batch is not None:
             self._on_batch(n)
-        self.stats.calls += 1
-        self.stats.requests += n
-        self.stats.largest = max(self.stats.largest, n)
+        with self._stats_lock:
+            self.stats.calls += 1
+            self.stats.requests += n
+            self.stats.largest = max(self.stats.largest, n)
 
 
 def _stack(requests: list[protocol.Decoded]) -> Any:

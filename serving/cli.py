@@ -66,6 +66,13 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, help="serving processes sharing the port and the cache (default 1)"
     )
+    parser.add_argument(
+        "--predict-threads",
+        type=int,
+        metavar="N",
+        help="predict calls one model may run at once (default 1; more for models that wait "
+        "on I/O)",
+    )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     parser.add_argument(
@@ -81,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "server.port": args.port,
         "server.log_level": args.log_level,
         "server.workers": args.workers,
+        "server.predict_threads": args.predict_threads,
         "server.log_format": args.log_format,
         "server.ssl_certfile": args.ssl_certfile,
         "server.ssl_keyfile": args.ssl_keyfile,

@@ -42,6 +42,7 @@ class ServerConfig:
     workers: int = 1
     max_batch_size: int = 32
     max_batch_delay_ms: float = 0.0
+    predict_threads: int = 1
     log_level: str = "INFO"
     log_format: str = "text"
     token: str = field(default="", repr=False)
@@ -90,6 +91,7 @@ class ModelConfig:
     swap: str = "availability"
     warmup: bool = True
     warmup_payload: str = ""
+    predict_threads: int = 0  # 0: server.predict_threads
 
     @property
     def warmup_example(self) -> dict[str, Any] | None:
@@ -270,8 +272,13 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
             "swap": (item.get("swap", "availability"), str),
             "warmup": (item.get("warmup", True), bool),
             "warmup_payload": (item.get("warmup_payload", ""), str),
+            "predict_threads": (item.get("predict_threads", 0), int),
         }
-        bad = [k for k, (v, t) in checks.items() if not isinstance(v, t)]
+        bad = [
+            k
+            for k, (v, t) in checks.items()
+            if not isinstance(v, t) or (t is int and isinstance(v, bool))
+        ]
         for key in bad:
             problems.append(
                 f"{where}.{key} = {checks[key][0]!r}: expected {checks[key][1].__name__}"
@@ -286,6 +293,7 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
                 item.get("swap", "availability"),
                 item.get("warmup", True),
                 item.get("warmup_payload", ""),
+                item.get("predict_threads", 0),
             )
         )
     # The first -m model answers POST /invocations unless a [[models]] entry is the default.
@@ -320,7 +328,7 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append("server.workers > 1 needs a TCP port: one Unix socket cannot be shared")
     if s.workers > 1 and s.port == 0:
         problems.append("server.workers > 1 needs a fixed server.port (not 0)")
-    for key in ("max_body_bytes", "max_batch_size", "workers"):
+    for key in ("max_body_bytes", "max_batch_size", "workers", "predict_threads"):
         if getattr(s, key) < 1:
             problems.append(f"server.{key} = {getattr(s, key)}: expected >= 1")
     for key in ("request_timeout_s", "drain_timeout_s", "load_timeout_s"):
@@ -369,6 +377,11 @@ def _validate(config: Config, problems: list[str]) -> None:
         if m.name in seen:
             problems.append(f"{where}.name = {m.name!r}: used by two models; names must differ")
         seen.add(m.name)
+        if m.predict_threads < 0:
+            problems.append(
+                f"{where}.predict_threads = {m.predict_threads}: expected >= 1, or 0 for "
+                "server.predict_threads"
+            )
         if m.swap not in SWAP_POLICIES:
             problems.append(f"{where}.swap = {m.swap!r}: expected one of {SWAP_POLICIES}")
         if m.warmup_payload:

@@ -109,6 +109,11 @@ uri = "models:/iris/Prod"
 name = "a"
 uri = "models:/iris/1"
 swap = "sometimes"
+
+[[models]]
+name = "c"
+uri = "models:/iris/2"
+predict_threads = true
 """
     )
     proc = modeld("serve", "--config", str(config))
@@ -123,6 +128,7 @@ swap = "sometimes"
         "unknown stage 'Prod'",
         "used by two models",
         "swap = 'sometimes'",
+        "predict_threads = True: expected int",
     ):
         assert needle in err, (needle, err)
     check = modeld("check-config", str(config))

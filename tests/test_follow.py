@@ -328,6 +328,16 @@ async def test_config_file_hot_reload(aiohttp_client, registry, cache_dir, tmp_p
     assert "config reload ignored" in caplog.text and "unknown stage 'Prod'" in caplog.text
     resp = await client.post("/models/b/invocations", json=split_payload(iris_frame(1)))
     assert resp.status == 200 and resp.headers["X-Model-Version"] == "2"
+    workers = client.server.app[DAEMON].workers
+    assert workers["b"].threads == 1
+    write('[[models]]\nname = "b"\nuri = "models:/iris/2"\npredict_threads = 3\n')
+
+    async def replaced():
+        return "b" not in workers
+
+    assert await until(replaced)  # the old worker drains; the next request starts the new one
+    resp = await client.post("/models/b/invocations", json=split_payload(iris_frame(1)))
+    assert resp.status == 200 and workers["b"].threads == 3
 
 
 async def _eq(fn, expected):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import mlflow.pyfunc
 import numpy as np
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 import loader
-from serving.app import create_app
+from serving.app import DAEMON, create_app
 from serving.config import load_config
 from tests.helpers import IRIS_COLUMNS, iris_frame, save_slow_model
 
@@ -253,6 +254,26 @@ async def test_request_timeout_is_504(aiohttp_client, registry, cache_dir, tmp_p
     await asyncio.sleep(2.0)  # one predict per model at a time: let the slow one finish
     ok = await client.post("/invocations", json={"inputs": [[0.0]]})
     assert ok.status == 200
+
+
+async def test_predict_threads_run_a_model_that_waits_concurrently(
+    aiohttp_client, registry, cache_dir, tmp_path
+):
+    """A model that waits (here: sleeps 0.5 s per call) with 4 predict threads answers 8
+    unbatched requests in two rounds, not eight."""
+    path = save_slow_model(tmp_path / "slow", answer=1)
+    config = make_config(
+        registry, cache_dir, f"slow={path}", server__predict_threads=4, server__max_batch_size=1
+    )
+    client = await start(aiohttp_client, config)
+    started = time.monotonic()
+    answers = await asyncio.gather(
+        *(client.post("/invocations", json={"inputs": [[0.5]]}) for _ in range(8))
+    )
+    elapsed = time.monotonic() - started
+    assert [a.status for a in answers] == [200] * 8
+    assert 1.0 <= elapsed < 3.0, elapsed  # at most 4 at once; one thread would take 4 s
+    assert client.server.app[DAEMON].workers["slow"].threads == 4
 
 
 async def test_health_is_503_until_models_load(aiohttp_client, registry, cache_dir):
