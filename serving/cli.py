@@ -20,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="serve models over HTTP (MLflow scoring protocol)")
+    serve = sub.add_parser(
+        "serve",
+        help="serve models over HTTP (MLflow scoring protocol)",
+        add_help=False,  # -h is --host, as in `mlflow models serve`
+    )
+    serve.add_argument("--help", action="help", help="show this help message and exit")
     _serve_options(serve)
 
     demo = sub.add_parser("demo", help="create a local registry with a model and serve it")
@@ -41,14 +46,16 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-m",
         "--model",
+        "--model-uri",
+        dest="model",
         action="append",
         default=[],
         metavar="[NAME=]URI",
         help="model to serve (repeatable); NAME names the route, else the registered name",
     )
     parser.add_argument("--config", help="TOML config file (see config.example.toml)")
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to bind (default 8080)")
+    parser.add_argument("-h", "--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("-p", "--port", type=int, help="port to bind (default 8080)")
     parser.add_argument(
         "--cache-dir", help="disk cache (default $MODELD_CACHE_DIR or ~/.cache/modeld)"
     )
@@ -64,7 +71,23 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
         help="seconds between registry polls (default 10)",
     )
     parser.add_argument(
-        "--workers", type=int, help="serving processes sharing the port and the cache (default 1)"
+        "-w",
+        "--workers",
+        type=int,
+        help="serving processes sharing the port and the cache (default 1)",
+    )
+    parser.add_argument(
+        "-t",
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a prediction taking longer gets 504 (default 60)",
+    )
+    parser.add_argument(
+        "--env-manager",
+        metavar="local",
+        help="accepted for `mlflow models serve` command lines: modeld serves in its own "
+        "environment and checks each model's dependencies instead (--dependency-policy)",
     )
     parser.add_argument(
         "--predict-threads",
@@ -88,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "server.port": args.port,
         "server.log_level": args.log_level,
         "server.workers": args.workers,
+        "server.request_timeout_s": args.timeout,
         "server.predict_threads": args.predict_threads,
         "server.log_format": args.log_format,
         "server.ssl_certfile": args.ssl_certfile,
@@ -97,6 +121,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "dependencies.policy": args.dependency_policy,
         "registry.poll_interval_s": args.poll_interval,
     }
+    if args.env_manager not in (None, "local"):
+        raise ConfigProblems(
+            [
+                f"--env-manager {args.env_manager!r}: modeld builds no environments; it serves "
+                "in its own and checks each model's dependencies against it "
+                "(--dependency-policy strict refuses a mismatch). Pass local or leave it out."
+            ]
+        )
     config = load_config(args.config, overrides=overrides, extra_models=args.model)
     if not config.models:
         raise ConfigProblems(["no model to serve: pass -m URI or add [[models]] to --config"])

@@ -163,3 +163,17 @@ def test_example_config_is_valid():
 
     config = load_config(ROOT / "config.example.toml", env={})
     assert config.models
+
+
+def test_mlflow_models_serve_command_line_is_accepted(capsys):
+    """`mlflow models serve`'s flags mean the same here, so a Dockerfile's command line needs
+    only its program name changed."""
+    from serving.cli import build_parser, config_from_args, main
+
+    line = "serve --model-uri models:/iris/1 -h 0.0.0.0 -p 5001 -t 12 -w 2 --env-manager local"
+    config = config_from_args(build_parser().parse_args(line.split()))
+    assert [m.uri for m in config.models] == ["models:/iris/1"]
+    s = config.server
+    assert (s.host, s.port, s.request_timeout_s, s.workers) == ("0.0.0.0", 5001, 12.0, 2)
+    assert main(["serve", "-m", "models:/iris/1", "--env-manager", "virtualenv"]) == 2
+    assert "--env-manager 'virtualenv': modeld builds no environments" in capsys.readouterr().err
