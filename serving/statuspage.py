@@ -38,6 +38,7 @@ def _cache_usage(cache: Any) -> dict[str, Any]:
         "bytes": sum(e["bytes"] for e in entries),
         "entries": len(entries),
         "limit": cache.max_bytes,
+        "keep": cache.keep_versions,
         "hits": cache.stats.hits,
         "misses": cache.stats.misses,
     }
@@ -57,9 +58,7 @@ def _when(ts: float | None) -> str:
     return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))} ({span} ago)"
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "no limit"
+def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -119,8 +118,10 @@ def _page(
         reg = f"<span class=ok>reachable</span> &middot; last poll {last}"
     else:
         reg = f"<span class=bad>unreachable since {_when(registry.get('unreachable_since'))}</span>"
+    limit = "no size limit" if cache.get("limit") is None else f"limit {_size(cache['limit'])}"
+    keep = f"{cache['keep']} versions kept per model" if cache.get("keep") else "all versions kept"
     cache_line = (
-        f"{_size(cache['bytes'])} in {cache['entries']} versions (limit {_size(cache['limit'])})"
+        f"{_size(cache['bytes'])} in {cache['entries']} versions ({limit}, {keep})"
         f" &middot; {cache['hits']} hits, {cache['misses']} downloads &middot; "
         f"<code>{escape(cache['dir'])}</code>"
         if cache

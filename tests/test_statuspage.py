@@ -106,6 +106,7 @@ async def test_status_page_renders_models_rejections_cache_and_registry(
     assert seen["iris"]["colour"] == seen["paged"]["colour"]  # body text stays neutral
     assert "v2 at load" in seen["paged"]["text"] and seen["rejected_visible"]
     assert "reachable" in seen["summary"] and "3 versions" in seen["summary"]  # broken one too
+    assert "(no size limit, 3 versions kept per model)" in seen["summary"]
     assert seen["external"] == []  # self-contained: no external assets
     assert shot.stat().st_size > 10_000
     if os.environ.get("MODELD_KEEP_SHOT"):  # to look at it: MODELD_KEEP_SHOT=/path/shot.png
