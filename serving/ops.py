@@ -106,6 +106,11 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def _pull(source: Any, args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as held:  # what one pull fetched, cache.keep_versions spares
+        return _pull_each(source, args, held)
+
+
+def _pull_each(source: Any, args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from loader.uri import parse_uri
 
     failed = 0
@@ -114,6 +119,8 @@ def _pull(source: Any, args: argparse.Namespace) -> int:
             version = source.resolve(parse_uri(uri)).version
             with _Progress(source.cache.root / "tmp", version.label):
                 prepared = source.prepare(version)
+            if prepared.cache_key is not None:
+                held.enter_context(source.cache.lease(prepared.cache_key))
             started = time.perf_counter()
             if not args.no_load:
                 source.load(prepared, uri=uri)

@@ -13,11 +13,11 @@ from loader.cache import SNAPSHOT_FILE
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def modeld(registry, cache_dir, *args):
+def modeld(registry, cache_dir, *args, env=None):
     proc = subprocess.run(
         [sys.executable, "-m", "serving", *args, "--cache-dir", str(cache_dir)],
         cwd=ROOT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": registry.uri},
+        env={**os.environ, "MLFLOW_TRACKING_URI": registry.uri, **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,
@@ -75,6 +75,19 @@ def test_pull_resolve_check_and_cache(registry, cache_dir):
     assert code == 0 and "1 evicted" in out
     code, out, _ = modeld(registry, cache_dir, "cache", "ls", "--json")
     assert [e["version"]["version"] for e in json.loads(out)] == [2]
+
+
+def test_one_pull_keeps_every_version_it_fetches(registry, cache_dir):
+    """An init container pulling more versions of one model than cache.keep_versions (here
+    three refs, limit 2) must leave all of them; the limit applies again afterwards."""
+    keep2 = {"MODELD_CACHE__KEEP_VERSIONS": "2"}
+    refs = ("models:/iris@champion", "models:/iris/Production", "models:/iris/latest")
+    code, _, err = modeld(registry, cache_dir, "pull", "--no-load", *refs, env=keep2)
+    assert code == 0, err
+    code, out, _ = modeld(registry, cache_dir, "cache", "ls", "--json", env=keep2)
+    assert sorted(e["version"]["version"] for e in json.loads(out)) == [1, 2, 3]
+    code, out, _ = modeld(registry, cache_dir, "cache", "gc", env=keep2)
+    assert code == 0 and "1 evicted" in out
 
 
 def test_pull_progress_line_for_a_large_download(tmp_path, capsys):
