@@ -142,7 +142,10 @@ def reloader(args: argparse.Namespace) -> Callable[[], Config]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given == ["serve", "-h"]:  # -h is the host there; alone, it can only mean help
+        given = ["serve", "--help"]
+    args = parser.parse_args(given)
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command in ("pull", "resolve", "check", "cache"):
@@ -165,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging(config.server.log_level, config.server.log_format)
         return workers.supervise(
-            list(argv if argv is not None else sys.argv[1:]),
+            given,
             config.server.workers,
             drain_timeout_s=config.server.drain_timeout_s,
         )
