@@ -2,21 +2,29 @@
 
 Request metrics come from a middleware; lifecycle metrics from the manager's observer events;
 cache, model info and dependency figures are read at scrape time (in a worker thread: the cache
-index is on disk; not in the load executor, which a long load holds).
+index is on disk; not in the load executor, which a long load holds). With ``--workers`` the
+counters go through prometheus-client's multiprocess files and each worker publishes its model
+state beside them, so whichever worker answers a scrape reports them all.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 if TYPE_CHECKING:
     from serving.app import Daemon
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -100,8 +108,6 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text format; across all worker processes when they share a multiprocess dir."""
-        import os
-
         from prometheus_client import generate_latest
 
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -110,11 +116,13 @@ class Metrics:
 
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
-        merged.register(_StateCollector(self.daemon))
+        merged.register(_StateCollector(self.daemon, os.environ["PROMETHEUS_MULTIPROC_DIR"]))
         return generate_latest(merged)
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
-        """The ModelManager's observer (runs on the load thread)."""
+        """The ModelManager's observer (runs on the load thread). With ``--workers``, each
+        event also republishes this worker's state for the others' scrapes."""
+        self._publish()
         if event == "swap":
             self.swaps.labels(fields["route"], "swapped", "").inc()
             self.load.labels(fields["route"]).observe(fields["load_s"])
@@ -125,6 +133,15 @@ class Metrics:
             self.poll.observe(fields["seconds"])
             if not fields["ok"]:
                 self.poll_failures.inc()
+
+    def _publish(self) -> None:
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory or self.daemon.manager is None:
+            return
+        try:
+            publish_state(self.daemon, directory)
+        except OSError as exc:  # metrics must never break following
+            log.warning("could not publish this worker's state for /metrics: %s", exc)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -153,46 +170,115 @@ class Metrics:
             self.requests.labels(model, version, str(status)).inc()
 
 
-class _StateCollector:
-    """Figures read at scrape time from the manager and the cache."""
+STATE_FILE_PREFIX = "modeld-state-"
 
-    def __init__(self, daemon: Daemon) -> None:
+
+def worker_state(daemon: Daemon) -> dict[str, Any] | None:
+    """What this process serves, as the scrape reports it (None before the pipeline exists)."""
+    manager = daemon.manager
+    if manager is None:
+        return None
+    models = [
+        [
+            route.name,
+            route.ref.uri,
+            str(route.handle.version.version),
+            str(route.handle.stale).lower(),
+            len(route.handle.prepared.report.mismatches),
+        ]
+        for route in manager.routes()
+        if route.handle is not None
+    ]
+    return {"models": models, "reachable": manager.registry_down_since is None}
+
+
+def publish_state(daemon: Daemon, directory: str) -> None:
+    """Write this worker's state beside prometheus-client's multiprocess files (atomically),
+    for whichever worker answers the next scrape."""
+    state = worker_state(daemon)
+    if state is None:
+        return
+    path = os.path.join(directory, f"{STATE_FILE_PREFIX}{os.getpid()}.json")
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(orjson.dumps(state))
+    os.replace(tmp, path)
+
+
+def peer_states(directory: str) -> list[dict[str, Any]]:
+    """The published states of the other live workers."""
+    states = []
+    for path in glob.glob(os.path.join(directory, f"{STATE_FILE_PREFIX}*.json")):
+        pid = int(os.path.basename(path)[len(STATE_FILE_PREFIX) : -len(".json")])
+        if pid == os.getpid() or not _alive(pid):
+            continue
+        try:
+            with open(path, "rb") as fh:
+                states.append(orjson.loads(fh.read()))
+        except (OSError, ValueError):  # replaced or removed meanwhile: the next scrape has it
+            continue
+    return states
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def state_families(states: list[dict[str, Any]]) -> Iterator[Any]:
+    """Model info, dependency mismatches and registry reachability across ``states`` (one per
+    worker): every distinct (route, ref, version, stale) served anywhere, so a swap half done
+    across workers shows both versions; the most mismatches and the worst reachability."""
+    info = InfoMetricFamily(
+        "modeld_model",
+        "The version each route serves (in any worker)",
+        labels=["route", "ref", "version", "stale"],
+    )
+    mismatches = GaugeMetricFamily(
+        "modeld_dependency_mismatches",
+        "Unmet requirements of the served version",
+        labels=["model"],
+    )
+    seen: set[tuple[str, ...]] = set()
+    worst: dict[str, int] = {}
+    for state in states:
+        for route, ref, version, stale, unmet in state["models"]:
+            if (route, ref, version, stale) not in seen:
+                seen.add((route, ref, version, stale))
+                info.add_metric([route, ref, version, stale], {})
+            worst[route] = max(worst.get(route, 0), unmet)
+    for route, unmet in worst.items():
+        mismatches.add_metric([route], unmet)
+    yield info
+    yield mismatches
+    up = GaugeMetricFamily("modeld_registry_reachable", "1 when the last poll reached the registry")
+    up.add_metric([], 1 if all(state["reachable"] for state in states) else 0)
+    yield up
+
+
+class _StateCollector:
+    """Figures read at scrape time: this worker's (and, with ``--workers``, the others'
+    published) state, and the shared cache."""
+
+    def __init__(self, daemon: Daemon, peers_dir: str | None = None) -> None:
         self.daemon = daemon
+        self.peers_dir = peers_dir
 
     def describe(self) -> list[Any]:
         return []
 
     def collect(self) -> Iterator[Any]:
-        manager = self.daemon.manager
-        if manager is None:
+        state = worker_state(self.daemon)
+        if state is None:
             return
-        info = InfoMetricFamily(
-            "modeld_model",
-            "The version each route serves",
-            labels=["route", "ref", "version", "stale"],
-        )
-        mismatches = GaugeMetricFamily(
-            "modeld_dependency_mismatches",
-            "Unmet requirements of the served version",
-            labels=["model"],
-        )
-        for route in manager.routes():
-            handle = route.handle
-            if handle is None:
-                continue
-            info.add_metric(
-                [route.name, route.ref.uri, str(handle.version.version), str(handle.stale).lower()],
-                {},
-            )
-            mismatches.add_metric([route.name], len(handle.prepared.report.mismatches))
-        yield info
-        yield mismatches
-        up = GaugeMetricFamily(
-            "modeld_registry_reachable", "1 when the last poll reached the registry"
-        )
-        up.add_metric([], 0 if manager.registry_down_since is not None else 1)
-        yield up
-        cache = manager.source.cache
+        peers = peer_states(self.peers_dir) if self.peers_dir else []
+        yield from state_families([state, *peers])
+        cache = self.daemon.manager.source.cache  # type: ignore[union-attr]
         entries = cache.entries()
         yield GaugeMetricFamily(
             "modeld_cache_bytes", "Bytes in the disk cache", value=sum(e["bytes"] for e in entries)

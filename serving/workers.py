@@ -10,6 +10,7 @@ Metrics are merged across workers through prometheus-client's multiprocess mode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -75,7 +76,7 @@ def supervise(argv: Sequence[str], workers: int, *, drain_timeout_s: float) -> i
                 code = proc.poll()
                 if code is None:
                     continue
-                _mark_dead(proc.pid)
+                _mark_dead(proc.pid, metrics_dir)
                 now = time.monotonic()
                 restarts[:] = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
                 log.error(
@@ -99,10 +100,16 @@ def supervise(argv: Sequence[str], workers: int, *, drain_timeout_s: float) -> i
     return 0
 
 
-def _mark_dead(pid: int) -> None:
+def _mark_dead(pid: int, directory: str) -> None:
+    """Drop a dead worker's live gauges and published state (the supervisor's own environment
+    has no PROMETHEUS_MULTIPROC_DIR: only its workers' has)."""
     try:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        from serving.metrics import STATE_FILE_PREFIX
+
+        multiprocess.mark_process_dead(pid, directory)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, f"{STATE_FILE_PREFIX}{pid}.json"))
     except Exception:  # metrics bookkeeping must not stop the restart
         log.debug("could not mark pid %d dead for metrics", pid)

@@ -49,6 +49,32 @@ async def test_metrics_cover_requests_swaps_cache_and_models(aiohttp_client, reg
     assert info == 1
 
 
+def test_worker_states_merge_into_one_view():
+    """With --workers, the scrape reports every worker's state, whichever one answers: a swap
+    half done shows both versions, a worker that cannot reach the registry makes it 0."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.metrics import state_families
+
+    states = [
+        {"models": [["iris", "models:/iris@live", "3", "false", 0]], "reachable": True},
+        {"models": [["iris", "models:/iris@live", "2", "false", 2]], "reachable": False},
+        {"models": [["iris", "models:/iris@live", "3", "false", 0]], "reachable": True},
+    ]
+
+    class Merged:
+        def collect(self):
+            return state_families(states)
+
+    registry = CollectorRegistry()
+    registry.register(Merged())
+    found = samples(generate_latest(registry).decode())
+    infos = {k: v for k, v in found.items() if k[0] == "modeld_model_info"}
+    assert sorted(dict(labels)["version"] for _, labels in infos) == ["2", "3"]
+    assert value(found, "modeld_registry_reachable") == 0
+    assert value(found, "modeld_dependency_mismatches", model="iris") == 2
+
+
 def test_json_log_lines(capsys):
     import json
     import logging

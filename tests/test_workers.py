@@ -88,6 +88,13 @@ def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
         assert total >= 60  # merged across both workers, whichever one answered the scrape
 
         victim = int(next(iter(pids)))
+        other = int(next(iter(pids - {str(victim)})))
+        with open(f"/proc/{other}/environ", "rb") as fh:
+            env = dict(v.split(b"=", 1) for v in fh.read().split(b"\0") if b"=" in v)
+        shared = Path(env[b"PROMETHEUS_MULTIPROC_DIR"].decode())
+        published = {p.name for p in shared.glob("modeld-state-*.json")}
+        assert published == {f"modeld-state-{victim}.json", f"modeld-state-{other}.json"}
+        assert list(shared.glob(f"gauge_livesum_{victim}.db"))  # its in-flight gauge
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 90
         fresh = set()
@@ -97,6 +104,20 @@ def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
             except OSError:
                 time.sleep(0.2)
         assert fresh - pids, "the killed worker was not replaced"
+        # the dead worker's live gauges and published state are gone (its counters stay:
+        # totals must not drop); the others' remain
+        assert not (shared / f"gauge_livesum_{victim}.db").exists()
+        assert not (shared / f"modeld-state-{victim}.json").exists()
+        assert (shared / f"modeld-state-{other}.json").exists()
+        found = {
+            (s.labels["route"], s.labels["version"])
+            for f in text_string_to_metric_families(
+                urllib.request.urlopen(f"{base}/metrics").read().decode()
+            )
+            for s in f.samples
+            if s.name == "modeld_model_info"
+        }
+        assert ("iris", "2") in found and "slow" in {route for route, _ in found}, found
 
         result = {}
 
