@@ -448,7 +448,7 @@ class ModelCache:
                 pid = int(tmp.name.rsplit(".", 2)[1])
             except (IndexError, ValueError):
                 pid = -1
-            if pid == os.getpid() or _pid_alive(pid):
+            if pid == os.getpid() or pid_alive(pid):
                 continue
             log.info("removing an interrupted download: %s", tmp.name)
             _remove_tree(tmp)
@@ -605,7 +605,8 @@ def _flock(path: Path, mode: int, timeout_s: float, key: str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (here: a download's or a worker's owner)."""
     if pid <= 0:
         return False
     try:

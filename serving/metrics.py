@@ -21,6 +21,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
+from loader.cache import pid_alive
+
 if TYPE_CHECKING:
     from serving.app import Daemon
 
@@ -210,7 +212,7 @@ def peer_states(directory: str) -> list[dict[str, Any]]:
     states = []
     for path in glob.glob(os.path.join(directory, f"{STATE_FILE_PREFIX}*.json")):
         pid = int(os.path.basename(path)[len(STATE_FILE_PREFIX) : -len(".json")])
-        if pid == os.getpid() or not _alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             continue
         try:
             with open(path, "rb") as fh:
@@ -218,16 +220,6 @@ def peer_states(directory: str) -> list[dict[str, Any]]:
         except (OSError, ValueError):  # replaced or removed meanwhile: the next scrape has it
             continue
     return states
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def state_families(states: list[dict[str, Any]]) -> Iterator[Any]:
