@@ -211,8 +211,8 @@ def peer_states(directory: str) -> list[dict[str, Any]]:
     """The published states of the other live workers."""
     states = []
     for path in glob.glob(os.path.join(directory, f"{STATE_FILE_PREFIX}*.json")):
-        pid = int(os.path.basename(path)[len(STATE_FILE_PREFIX) : -len(".json")])
-        if pid == os.getpid() or not pid_alive(pid):
+        tag = os.path.basename(path)[len(STATE_FILE_PREFIX) : -len(".json")]
+        if not tag.isdigit() or int(tag) == os.getpid() or not pid_alive(int(tag)):
             continue
         try:
             with open(path, "rb") as fh:
