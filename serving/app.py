@@ -83,18 +83,7 @@ class Daemon:
         from loader.api import make_source
 
         c = self.config
-        source = make_source(
-            cache_dir=c.cache.dir or None,
-            tracking_uri=c.registry.tracking_uri or None,
-            registry_uri=c.registry.registry_uri or None,
-            dependency_policy=c.dependencies.policy,
-            dependency_match=c.dependencies.match,
-            dependency_ignore=c.dependencies.ignore,
-            verify=c.cache.verify,
-            max_cache_bytes=c.cache.max_bytes or None,
-            keep_versions=c.cache.keep_versions or None,
-            snapshots=c.cache.snapshots,
-        )
+        source = make_source(**c.source_options())
         source.cache.observer = self.metrics.cache_event
         manager = ModelManager(
             source, observer=self.metrics.observe, load_timeout_s=c.server.load_timeout_s

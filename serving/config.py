@@ -117,6 +117,23 @@ class Config:
             return marked[0]
         return self.models[0].name if len(self.models) == 1 else None
 
+    def source_options(self) -> dict[str, Any]:
+        """``loader.make_source``'s keywords for this config (the daemon and the operator
+        commands build their pipeline from the same settings)."""
+        c, d = self.cache, self.dependencies
+        return {
+            "cache_dir": c.dir or None,
+            "tracking_uri": self.registry.tracking_uri or None,
+            "registry_uri": self.registry.registry_uri or None,
+            "dependency_policy": d.policy,
+            "dependency_match": d.match,
+            "dependency_ignore": d.ignore,
+            "verify": c.verify,
+            "max_cache_bytes": c.max_bytes or None,
+            "keep_versions": c.keep_versions or None,
+            "snapshots": c.snapshots,
+        }
+
 
 _SECTIONS = {
     "server": ServerConfig,

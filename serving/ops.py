@@ -79,17 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from loader.api import make_source
 
     try:
-        source = make_source(
-            cache_dir=config.cache.dir or None,
-            tracking_uri=config.registry.tracking_uri or None,
-            registry_uri=config.registry.registry_uri or None,
-            dependency_policy=config.dependencies.policy,  # type: ignore[arg-type]
-            dependency_match=config.dependencies.match,  # type: ignore[arg-type]
-            dependency_ignore=config.dependencies.ignore,
-            max_cache_bytes=config.cache.max_bytes or None,
-            keep_versions=config.cache.keep_versions or None,
-            snapshots=config.cache.snapshots,
-        )
+        source = make_source(**config.source_options())
         return {"pull": _pull, "resolve": _resolve, "check": _check, "cache": _cache}[args.command](
             source, args
         )
@@ -236,6 +226,7 @@ class _Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="modeld-progress", daemon=True)
         self._shown = False
+        self._total: int | None = None  # from the download's MLmodel, read once it is there
 
     def __enter__(self) -> _Progress:
         self._thread.start()
@@ -250,15 +241,15 @@ class _Progress:
     def _run(self) -> None:
         prefix = f"{os.getpid()}."
         while not self._stop.wait(0.5):
-            done, total = 0, None
+            done = 0
             for d in self.tmp.glob(f"*.{prefix}*"):
                 done += _size(d)
-                total = total or _expected_size(d)  # MLmodel is small: it lands early
+                self._total = self._total or _expected_size(d)  # MLmodel is small: lands early
             if not done or (done < PROGRESS_MIN_BYTES and not self._shown):
                 continue  # nothing yet, or already renamed into the cache: keep the last line
             self._shown = True
             bar = ""
-            if total:
+            if total := self._total:
                 filled = int(30 * min(done, total) / total)
                 bar = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * done // total:>3}% "
             print(f"\r{self.label}: {bar}{done / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)

@@ -111,5 +111,5 @@ def _mark_dead(pid: int, directory: str) -> None:
         multiprocess.mark_process_dead(pid, directory)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(directory, f"{STATE_FILE_PREFIX}{pid}.json"))
-    except Exception:  # metrics bookkeeping must not stop the restart
-        log.debug("could not mark pid %d dead for metrics", pid)
+    except Exception as exc:  # metrics bookkeeping must not stop the restart
+        log.warning("could not drop dead worker %d's live metrics: %s", pid, exc)

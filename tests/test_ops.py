@@ -90,6 +90,20 @@ def test_one_pull_keeps_every_version_it_fetches(registry, cache_dir):
     assert code == 0 and "1 evicted" in out
 
 
+def test_pull_honours_cache_verify(registry, cache_dir):
+    """`modeld pull` builds its pipeline from the same settings as the daemon: with
+    cache.verify = "full" a same-size corruption of a cached version is caught and fetched
+    again, not reported as already cached."""
+    full = {"MODELD_CACHE__VERIFY": "full"}
+    assert modeld(registry, cache_dir, "pull", "models:/iris/2", "--no-load")[0] == 0
+    weights = next((cache_dir / "models").rglob("model.skops"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    code, out, err = modeld(registry, cache_dir, "pull", "models:/iris/2", "--no-load", env=full)
+    assert code == 0 and "iris@2 downloaded" in out, out + err
+
+
 def test_pull_progress_line_for_a_large_download(tmp_path, capsys):
     """The progress line reads the download landing in the cache's tmp/ (total from the MLmodel
     in it), and the download being renamed into place under it raises nothing."""
