@@ -1,119 +1,149 @@
-"""``load_model``: ``mlflow.pyfunc.load_model`` with a verified disk cache and offline start."""
+"""``load_model``: ``mlflow.pyfunc.load_model`` with a verified disk cache and offline start.
+
+:class:`SourceOptions` is the one description of a pipeline (registry, cache, dependency policy):
+``load_model``, :class:`~loader.live.LiveModel`, the daemon and the operator commands all build
+theirs from it with :func:`make_source`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loader.cache import ModelCache, Verify
 from loader.deps import DependencyPolicy, Match, Policy
-from loader.errors import LoaderError
+from loader.errors import ConfigError, LoaderError
 from loader.pipeline import ModelSource
 from loader.pyfunc import import_ahead_of_mlflow
-from loader.registry import Registry, bound_http_retries
+from loader.registry import Registry
 from loader.uri import parse_uri
 
 DEFAULT_CACHE_DIR = "~/.cache/modeld"
-_sources: dict[tuple[Any, ...], ModelSource] = {}
+#: Versions of one model a *following* pipeline keeps on disk (LiveModel, the daemon): a ref
+#: that moves daily would otherwise fill the volume.
+FOLLOWING_KEEP_VERSIONS = 3
+_sources: dict[SourceOptions, ModelSource] = {}
 _models: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 
 
+@dataclass(frozen=True, slots=True)
+class SourceOptions:
+    """How to build a pipeline; every field has the library's default.
+
+    Attributes:
+        cache_dir: the disk cache root (default ``~/.cache/modeld``).
+        tracking_uri, registry_uri: MLflow's (default: MLflow's own resolution, e.g.
+            ``$MLFLOW_TRACKING_URI``).
+        dependency_policy: ``strict`` | ``warn`` | ``ignore``.
+        dependency_match: ``exact`` | ``minor`` | ``major``, for ``==`` pins.
+        dependency_ignore: package names never checked.
+        verify: how a cache hit is checked: ``size`` | ``full`` | ``none``.
+        max_cache_bytes: size limit with least-recently-used eviction (None: none).
+        keep_versions: versions of each model kept on disk (None: all).
+        snapshots: keep a pickle of each loaded model beside it (10-40x faster loads).
+    """
+
+    cache_dir: str | None = None
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    dependency_policy: Policy = "warn"
+    dependency_match: Match = "minor"
+    dependency_ignore: tuple[str, ...] = ()
+    verify: Verify = "size"
+    max_cache_bytes: int | None = None
+    keep_versions: int | None = None
+    snapshots: bool = True
+
+    @classmethod
+    def of(cls, options: SourceOptions | None = None, **fields: Any) -> SourceOptions:
+        """``options`` (or the defaults) with ``fields`` replaced.
+
+        Raises:
+            ConfigError: a keyword that is not a field (the message lists the fields).
+        """
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ConfigError(unknown[0], fields[unknown[0]], f"one of the options {known}")
+        if "dependency_ignore" in fields:
+            fields["dependency_ignore"] = tuple(fields["dependency_ignore"])
+        if fields.get("cache_dir") is not None:
+            fields["cache_dir"] = os.fspath(fields["cache_dir"])
+        return dataclasses.replace(options or cls(), **fields)
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir or DEFAULT_CACHE_DIR).expanduser()
+
+
 def default_cache_dir() -> Path:
-    """``$MODELD_CACHE_DIR``, else ``~/.cache/modeld``."""
-    return Path(os.environ.get("MODELD_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
+    """``~/.cache/modeld``: the cache root when none is given (the daemon also reads
+    ``$MODELD_CACHE_DIR``; the library reads no environment variable)."""
+    return Path(DEFAULT_CACHE_DIR).expanduser()
 
 
-def make_source(
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    tracking_uri: str | None = None,
-    registry_uri: str | None = None,
-    dependency_policy: Policy = "warn",
-    dependency_match: Match = "minor",
-    dependency_ignore: tuple[str, ...] | list[str] = (),
-    verify: Verify = "size",
-    max_cache_bytes: int | None = None,
-    keep_versions: int | None = None,
-    snapshots: bool = True,
-) -> ModelSource:
-    """Build the shared pipeline (registry client + cache + policy) from plain options.
+def make_source(options: SourceOptions | None = None, **fields: Any) -> ModelSource:
+    """Build the shared pipeline (registry client + cache + policy) from ``options`` and/or
+    :class:`SourceOptions` fields as keywords.
 
     Raises:
-        ConfigError: a bad option value.
+        ConfigError: a bad option name or value.
         CacheError: the cache directory cannot be used.
     """
+    opts = SourceOptions.of(options, **fields)
     import_ahead_of_mlflow()
     from mlflow import MlflowClient
 
-    bound_http_retries()
-    policy = DependencyPolicy(dependency_policy, dependency_match, tuple(dependency_ignore))
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    policy = DependencyPolicy(
+        opts.dependency_policy, opts.dependency_match, tuple(opts.dependency_ignore)
+    )
+    client = MlflowClient(tracking_uri=opts.tracking_uri, registry_uri=opts.registry_uri)
     cache = ModelCache(
-        Path(cache_dir) if cache_dir else default_cache_dir(),
-        max_bytes=max_cache_bytes,
-        keep_versions=keep_versions,
+        opts.cache_root, max_bytes=opts.max_cache_bytes, keep_versions=opts.keep_versions
     )
     return ModelSource(
-        Registry(client), cache, dependency_policy=policy, verify=verify, snapshots=snapshots
+        Registry(client),
+        cache,
+        dependency_policy=policy,
+        verify=opts.verify,
+        snapshots=opts.snapshots,
     )
 
 
-def load_model(
-    uri: str | os.PathLike[str],
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    dependency_policy: Policy = "warn",
-    dependency_match: Match = "minor",
-    dependency_ignore: tuple[str, ...] | list[str] = (),
-    tracking_uri: str | None = None,
-    registry_uri: str | None = None,
-    verify: Verify = "size",
-) -> Any:
+def load_model(uri: str | os.PathLike[str], **options: Any) -> Any:
     """Load a model like ``mlflow.pyfunc.load_model(uri)``, through the verified disk cache.
 
-    The result is the pyfunc model with ``model.modeld`` describing where it came from (name,
-    version, source, cache path, dependency report, stale flag). Loading the same version twice in
-    one process returns the same object. With the registry unreachable, a ref loaded before is
-    served from the cache and marked stale.
+    ``options`` are :class:`SourceOptions` fields (``cache_dir``, ``dependency_policy``,
+    ``tracking_uri``...). The result is the pyfunc model with ``model.modeld`` describing where
+    it came from (name, version, source, cache path, dependency report, stale flag). Loading the
+    same version twice in one process returns the same object. With the registry unreachable, a
+    ref loaded before is served from the cache and marked stale.
 
     Raises:
         InvalidModelURI: ``uri`` is malformed (the message lists the accepted forms).
+        ConfigError: an unknown option or a bad option value.
         ModelNotFound: no such model, version, alias, or nothing READY in that stage.
         RegistryUnavailable: the registry is down and the cache has no copy for ``uri``.
         DependencyMismatch: ``dependency_policy="strict"`` and the environment does not match.
         CacheError, ModelLoadError: the files could not be cached or loaded.
     """
     ref = parse_uri(uri)
-    options = (
-        str(Path(cache_dir).expanduser()) if cache_dir else str(default_cache_dir()),
-        tracking_uri,
-        registry_uri,
-        dependency_policy,
-        dependency_match,
-        tuple(dependency_ignore),
-        verify,
-    )
+    opts = SourceOptions.of(**options)
+    opts = dataclasses.replace(opts, cache_dir=str(opts.cache_root))
     with _lock:
-        source = _sources.get(options)
+        source = _sources.get(opts)
         if source is None:
-            source = make_source(
-                cache_dir=options[0],
-                tracking_uri=tracking_uri,
-                registry_uri=registry_uri,
-                dependency_policy=dependency_policy,
-                dependency_match=dependency_match,
-                dependency_ignore=dependency_ignore,
-                verify=verify,
-            )
-            _sources[options] = source
+            source = _sources[opts] = make_source(opts)
     resolution = source.resolve(ref)
     prepared = source.prepare(resolution.version)
     identity = (
-        options,
+        opts,
         prepared.cache_key or str(prepared.path),
         resolution.version.last_updated_ms if prepared.cache_key is None else None,
     )
@@ -128,4 +158,11 @@ def load_model(
     return model
 
 
-__all__ = ["LoaderError", "default_cache_dir", "load_model", "make_source"]
+__all__ = [
+    "FOLLOWING_KEEP_VERSIONS",
+    "LoaderError",
+    "SourceOptions",
+    "default_cache_dir",
+    "load_model",
+    "make_source",
+]

@@ -538,7 +538,8 @@ class _Index:
         return self._call(lambda c: c.delete(key))
 
     def iterkeys(self) -> list[Any]:
-        return self._call(lambda c: list(c.iterkeys()))
+        keys: list[Any] = self._call(lambda c: list(c.iterkeys()))
+        return keys
 
     def transact(self) -> Any:
         return self._cache.transact()

@@ -149,7 +149,7 @@ def check_model_dir(
             continue
         if req.marker is not None and not req.marker.evaluate():
             continue
-        name = canonicalize_name(req.name)
+        name: str = canonicalize_name(req.name)
         seen.add(name)
         if name in policy.ignore:
             continue
@@ -234,8 +234,7 @@ def _same_release(have: Version, need: Version, match: Match) -> bool:
     parts = _RELEASE_PARTS[match]
     if parts is None:
         return have.release == need.release or have == need
-    pad = lambda v: (v.release + (0, 0, 0))[:parts]  # noqa: E731
-    return pad(have) == pad(need)
+    return (have.release + (0, 0, 0))[:parts] == (need.release + (0, 0, 0))[:parts]
 
 
 def _read_lines(path: Path) -> Iterable[str]:

@@ -1,6 +1,7 @@
 """``LiveModel``: an in-process model handle that follows the registry and swaps itself.
 
-The same pipeline as the daemon (ModelSource -> ModelManager), scheduled by a thread::
+The same pipeline as the daemon (ModelSource -> ModelManager), followed by the same poll loop
+(:class:`~loader.poller.Poller`), in a thread::
 
     with loader.LiveModel("models:/iris@champion", poll_interval_s=30) as live:
         live.predict(frame)          # always one complete model, whatever swaps meanwhile
@@ -10,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from typing import Any
 
-from loader.api import make_source
-from loader.deps import Match, Policy
+from loader.api import FOLLOWING_KEEP_VERSIONS, SourceOptions, make_source
 from loader.errors import LoaderError, ModelNotReady
-from loader.manager import ModelHandle, ModelManager
-from loader.poller import PollSchedule
+from loader.manager import RETRY_BASE_S, ModelHandle, ModelManager
+from loader.poller import POLL_INTERVAL_S, Poller, PollSchedule
 
 log = logging.getLogger(__name__)
 ROUTE = "live"
@@ -30,44 +29,36 @@ class LiveModel:
     Args:
         uri: any model URI ``load_model`` accepts.
         poll_interval_s: seconds between registry polls (with jitter; backoff while it fails).
-        on_swap: called as ``on_swap(old_handle, new_handle)`` from the polling thread.
-        keep_versions: versions of the model the disk cache keeps (the least recently used
-            beyond it are evicted when a new one arrives; None: all), as the daemon does.
-        Other keywords are those of :func:`loader.load_model`.
+        on_swap: called as ``on_swap(old_handle, new_handle)`` from the polling thread after
+            each swap (not for the first load, which happens before the constructor returns).
+        warmup: run the model's input example through it before serving a version.
+        retry_base_s: first wait before retrying a rejected version (doubling after).
+        options: :class:`~loader.api.SourceOptions` fields (``cache_dir``,
+            ``dependency_policy``, ``tracking_uri``...); ``keep_versions`` defaults to 3 here,
+            as in the daemon: the least recently used versions of the model beyond it are
+            evicted from disk when a new one arrives.
 
     Raises:
         InvalidModelURI, ModelNotFound, RegistryUnavailable, DependencyMismatch, ModelLoadError:
             the first load failed (nothing to serve).
+        ConfigError: an unknown option or a bad option value.
     """
 
     def __init__(
         self,
         uri: str | os.PathLike[str],
         *,
-        poll_interval_s: float = 10.0,
+        poll_interval_s: float = POLL_INTERVAL_S,
         on_swap: Callable[[ModelHandle | None, ModelHandle], None] | None = None,
-        keep_versions: int | None = 3,
-        cache_dir: str | os.PathLike[str] | None = None,
-        dependency_policy: Policy = "warn",
-        dependency_match: Match = "minor",
-        dependency_ignore: tuple[str, ...] | list[str] = (),
-        tracking_uri: str | None = None,
-        registry_uri: str | None = None,
         warmup: bool = True,
-        retry_base_s: float = 30.0,
+        retry_base_s: float = RETRY_BASE_S,
+        **options: Any,
     ) -> None:
-        self.schedule = PollSchedule(poll_interval_s)
+        schedule = PollSchedule(poll_interval_s)
+        options.setdefault("keep_versions", FOLLOWING_KEEP_VERSIONS)
+        source = make_source(SourceOptions.of(**options))
         self._on_swap = on_swap
-        source = make_source(
-            cache_dir=cache_dir,
-            tracking_uri=tracking_uri,
-            registry_uri=registry_uri,
-            dependency_policy=dependency_policy,
-            dependency_match=dependency_match,
-            dependency_ignore=dependency_ignore,
-            keep_versions=keep_versions,
-        )
-        self.manager = ModelManager(source, on_swap=self._swapped, retry_base_s=retry_base_s)
+        self.manager = ModelManager(source, retry_base_s=retry_base_s)
         self.manager.add(ROUTE, os.fspath(uri), warmup=warmup)
         self.manager.refresh()
         route = self.manager.route(ROUTE)
@@ -76,10 +67,9 @@ class LiveModel:
             if isinstance(route.last_error, LoaderError):
                 raise route.last_error
             raise ModelNotReady(os.fspath(uri)) from route.last_error
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="modeld-live", daemon=True)
-        self._thread.start()
+        self.manager.on_swap = self._swapped  # the first load is the constructor's, not a swap
+        self._poller = Poller(self.manager.refresh, lambda: schedule, name="modeld-live")
+        self._poller.start()
 
     # -- the caller's side --------------------------------------------------------------------
 
@@ -98,17 +88,15 @@ class LiveModel:
 
     def refresh(self) -> None:
         """Poll now (e.g. after a registry webhook)."""
-        self._wake.set()
+        self._poller.poke()
 
     def status(self) -> dict[str, Any]:
-        return self.manager.status(ROUTE)
+        """The route's status as JSON-ready data (version, stage, aliases, rejections...)."""
+        return self.manager.status(ROUTE).to_dict()
 
     def close(self) -> None:
         """Stop following and release the model. Idempotent."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join()
+        self._poller.stop()
         self.manager.close()
 
     def __enter__(self) -> LiveModel:
@@ -116,21 +104,6 @@ class LiveModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- the polling thread -------------------------------------------------------------------
-
-    def _follow(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            self._wake.wait(self.schedule.next_delay(failures))
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.manager.refresh()
-            except Exception:  # never let the thread die: the model keeps serving
-                log.exception("LiveModel refresh failed")
-            failures = failures + 1 if self.manager.registry_down_since is not None else 0
 
     def _swapped(self, route: str, old: ModelHandle | None, new: ModelHandle) -> None:
         if self._on_swap is not None:

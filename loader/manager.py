@@ -16,26 +16,48 @@ import contextlib
 import logging
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
+from loader.deps import DependencyReport
 from loader.errors import (
     ConfigError,
+    DependencyMismatch,
     LoaderError,
     ModelLoadError,
+    ModelNotFound,
     ModelNotReady,
     RegistryUnavailable,
 )
 from loader.pipeline import ModelSource, Prepared, Resolution
+from loader.policy import (
+    SWAP_POLICIES,
+    SwapAction,
+    SwapPolicy,
+    backoff_s,
+    swap_action,
+    unload_first,
+)
 from loader.pyfunc import PyFuncLoader, warm_up
 from loader.registry import ModelVersion
 from loader.uri import ModelRef, parse_uri
 
 log = logging.getLogger(__name__)
 
-SwapPolicy = Literal["availability", "memory"]
-SWAP_POLICIES = ("availability", "memory")
+__all__ = [
+    "SWAP_POLICIES",
+    "ManagerStatus",
+    "ModelHandle",
+    "ModelManager",
+    "RegistryStatus",
+    "Rejection",
+    "RouteSpec",
+    "RouteStatus",
+    "SwapPolicy",
+]
+
 RETRY_BASE_S = 30.0
 RETRY_MAX_S = 3600.0
 LOAD_TIMEOUT_S = 600.0
@@ -63,7 +85,7 @@ class ModelHandle:
         return self.model.predict(data)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Rejection:
     """A version that failed a step and is not served."""
 
@@ -83,6 +105,115 @@ class Rejection:
             "attempts": self.attempts,
             "retry_at": self.retry_at,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """What a route should serve: the unit of :meth:`ModelManager.set_routes`."""
+
+    name: str
+    uri: str
+    swap: SwapPolicy = "availability"
+    warmup: bool = True
+    #: Payload for the warm-up prediction instead of the model's saved input example.
+    warmup_example: dict[str, Any] | None = field(default=None, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteStatus:
+    """A snapshot of one route, for status pages, probes and metrics."""
+
+    name: str
+    ref: str
+    state: str  #: ``loaded`` | ``loading`` | ``failed``
+    stale: bool
+    version: ModelVersion | None  #: the version answering, None when nothing is loaded
+    loaded_at: float | None
+    cache_path: str | None
+    dependency_report: DependencyReport | None
+    resolved_version: int | None
+    pinned: int | None
+    problem: str | None
+    swaps: int
+    last_swap_at: float | None
+    rejected: tuple[Rejection, ...]
+
+    @property
+    def ready(self) -> bool:
+        return self.version is not None
+
+    @property
+    def waiting_for(self) -> str:
+        """Why a route that is not ready is not: its problem, its last rejection, or loading."""
+        if self.problem:
+            return self.problem
+        return self.rejected[-1].reason if self.rejected else "loading"
+
+    def to_dict(self) -> dict[str, Any]:
+        v = self.version
+        return {
+            "name": self.name,
+            "ref": self.ref,
+            "state": self.state,
+            "stale": self.stale,
+            "version": v.version if v else None,
+            "stage": v.stage if v else None,
+            "aliases": list(v.aliases) if v else [],
+            "tags": dict(v.tags) if v else {},
+            "description": v.description if v else None,
+            "run_id": v.run_id if v else None,
+            "source": v.source if v else None,
+            "loaded_at": self.loaded_at,
+            "cache_path": self.cache_path,
+            "dependency_report": self.dependency_report.to_dict()
+            if self.dependency_report
+            else None,
+            "resolved_version": self.resolved_version,
+            "pinned": self.pinned,
+            "problem": self.problem,
+            "swaps": self.swaps,
+            "last_swap_at": self.last_swap_at,
+            "rejected": [r.to_dict() for r in self.rejected],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStatus:
+    identity: str
+    reachable: bool
+    unreachable_since: float | None
+    last_poll_at: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "identity": self.identity,
+            "reachable": self.reachable,
+            "unreachable_since": self.unreachable_since,
+            "last_poll_at": self.last_poll_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerStatus:
+    """Every route and the registry, as one consistent snapshot."""
+
+    models: tuple[RouteStatus, ...]
+    registry: RegistryStatus
+
+    @property
+    def ready(self) -> bool:
+        return all(m.ready for m in self.models)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"models": [m.to_dict() for m in self.models], "registry": self.registry.to_dict()}
+
+
+class _StepFailed(Exception):
+    """A pipeline step failed: which step, and the error (carried explicitly, not tagged)."""
+
+    def __init__(self, step: str, error: BaseException) -> None:
+        super().__init__(step, error)
+        self.step, self.error = step, error
 
 
 @dataclass(slots=True)
@@ -116,7 +247,8 @@ class ModelManager:
         retry_base_s, retry_max_s: backoff for retrying a rejected version.
         load_timeout_s: a load plus warm-up taking longer is rejected (step ``load``) so that a
             model hanging in its own code cannot stop the manager; None waits for ever.
-        on_swap: called as ``on_swap(route, old_handle, new_handle)`` after each swap.
+        on_swap: called as ``on_swap(route, old_handle, new_handle)`` after each swap
+            (``old_handle`` is None for a route's first load).
         observer: called as ``observer(event, fields)`` for ``"swap"`` (route, version,
             load_s, warmup_s), ``"reject"`` (route, version, step) and ``"poll"`` (seconds, ok):
             the daemon turns these into metrics; the loader knows no metrics library.
@@ -142,6 +274,7 @@ class ModelManager:
         self.on_swap = on_swap
         self.clock = clock
         self._routes: dict[str, Route] = {}
+        self._specs: dict[str, RouteSpec] = {}
         self._refresh_lock = threading.RLock()
         self.registry_down_since: float | None = None
         self.last_poll_at: float | None = None
@@ -171,6 +304,7 @@ class ModelManager:
                 name=name, ref=ref, swap=swap, warmup=warmup, warmup_example=warmup_example
             )
             self._routes[name] = route
+            self._specs[name] = RouteSpec(name, ref.uri, swap, warmup, warmup_example)
             return route
 
     def update(
@@ -195,12 +329,52 @@ class ModelManager:
                 route.ref, route.resolved, route.pinned = ref, None, None
                 route.rejections.clear()
             route.swap, route.warmup, route.warmup_example = swap, warmup, warmup_example
+            self._specs[name] = RouteSpec(name, ref.uri, swap, warmup, warmup_example)
 
     def remove(self, name: str) -> None:
         with self._refresh_lock:
             route = self._routes.pop(name, None)
+            self._specs.pop(name, None)
             if route is not None:
                 self._unload(route)
+
+    def set_routes(self, specs: Iterable[RouteSpec]) -> list[str]:
+        """Make the routes exactly ``specs``: add the new, remove the missing, repoint the
+        changed (each keeps serving its old version until the new one is ready). Every spec is
+        checked before anything changes, so a bad one changes nothing.
+
+        Returns the names added or changed (to :meth:`refresh`).
+
+        Raises:
+            InvalidModelURI, ConfigError: a spec is invalid (nothing was changed).
+        """
+        wanted = {}
+        for spec in specs:
+            if spec.name in wanted:
+                raise ConfigError("models.name", spec.name, "a route name used once")
+            _checked_ref(spec.name, spec.uri, spec.swap)
+            wanted[spec.name] = spec
+        changed = []
+        with self._refresh_lock:
+            for name in [n for n in self._routes if n not in wanted]:
+                self.remove(name)
+                log.info("stopped serving %s", name)
+            for name, spec in wanted.items():
+                options: dict[str, Any] = {
+                    "swap": spec.swap,
+                    "warmup": spec.warmup,
+                    "warmup_example": spec.warmup_example,
+                }
+                if name not in self._routes:
+                    self.add(name, spec.uri, **options)
+                    log.info("now serving %s = %s", name, spec.uri)
+                elif self._specs[name] != spec:
+                    self.update(name, spec.uri, **options)
+                    log.info("%s now follows %s", name, spec.uri)
+                else:
+                    continue
+                changed.append(name)
+        return changed
 
     def names(self) -> list[str]:
         return list(self._routes)
@@ -228,32 +402,58 @@ class ModelManager:
 
     # -- pin ----------------------------------------------------------------------------------
 
-    def pin(self, name: str, version: int) -> None:
-        """Freeze ``name`` at ``version`` (a rollback); takes effect at the next refresh."""
+    def pin(self, name: str, version: int, *, verify: bool = False) -> RouteStatus:
+        """Freeze ``name`` at ``version`` (a rollback).
+
+        Without ``verify`` it takes effect at the next refresh. With ``verify`` the route is
+        refreshed now (a rejected version is retried at once); when the registry has no such
+        version the previous pin is restored and :class:`ModelNotFound` raised. The returned
+        status says whether ``version`` is now served (it may have been rejected).
+
+        Raises:
+            ConfigError: ``version`` is not a version number, or the route is a local model.
+            ModelNotReady: unknown route.
+            ModelNotFound: (``verify``) the registry has no such version.
+        """
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ConfigError("version", version, "a model version number >= 1")
-        route = self.route(name)
-        if not route.ref.is_registry:
-            raise ConfigError(
-                "pin", route.ref.uri, "a models:/ ref (local models have no versions)"
-            )
-        route.pinned = version
+        with self._refresh_lock:
+            route = self.route(name)
+            if not route.ref.is_registry:
+                raise ConfigError(
+                    "pin", route.ref.uri, "a models:/ ref (local models have no versions)"
+                )
+            previous, route.pinned = route.pinned, version
+            if verify:
+                self.refresh([name], force=True)
+                if route.resolved is None or route.resolved.version != version:
+                    problem = route.problem or f"version {version} could not be resolved"
+                    route.pinned = previous
+                    self.refresh([name])
+                    raise ModelNotFound(
+                        route.ref.name or name,
+                        f"version {version}",
+                        detail=f"cannot pin {name}: {problem}",
+                    )
+                log.info("%s pinned at version %s", name, version)
+            return self.status(name)
 
     def unpin(self, name: str) -> None:
-        self.route(name).pinned = None
+        with self._refresh_lock:
+            self.route(name).pinned = None
 
     # -- the refresh cycle --------------------------------------------------------------------
 
-    def refresh(self, names: Iterable[str] | None = None, *, force: bool = False) -> None:
+    def refresh(self, names: Iterable[str] | None = None, *, force: bool = False) -> bool:
         """Resolve every route's ref (one registry request) and swap in changed versions.
 
         Never raises for a registry outage or a bad version: the old version keeps serving and
-        the route records why.
+        the route records why. Returns False when the registry could not be reached.
         """
         with self._refresh_lock:
             routes = [self._routes[n] for n in (names or self._routes) if n in self._routes]
             if not routes:
-                return
+                return self.registry_down_since is None
             refs = {r.name: self._aspired_ref(r) for r in routes}
             known = {refs[r.name]: r.resolved for r in routes if r.resolved is not None}
             started = time.perf_counter()
@@ -275,6 +475,7 @@ class ModelManager:
                 answer = answers.get(refs[route.name])
                 if answer is not None:
                     self._apply(route, answer, force=force)
+            return self.registry_down_since is None
 
     def _aspired_ref(self, route: Route) -> ModelRef:
         if route.pinned is None:
@@ -294,26 +495,28 @@ class ModelManager:
         version = answer.version
         route.resolved, route.stale = version, answer.stale
         route.problem = None
-        if served is not None and _same_files(served.version, version):
-            if served.version != version or served.stale != answer.stale:
-                # Tags, description, stage or aliases changed: show them, no reload.
-                route.handle = replace(served, version=version, stale=answer.stale)
-            return
         rejection = route.rejections.get(version.cache_key)
-        if (
-            rejection is not None
-            and not force
-            and rejection.version == version
-            and self.clock() < rejection.retry_at
-        ):
-            return
-        self._swap_in(route, answer)
+        action = swap_action(
+            served=served.version if served else None,
+            served_stale=bool(served and served.stale),
+            aspired=version,
+            aspired_stale=answer.stale,
+            rejected=rejection.version if rejection else None,
+            retry_at=rejection.retry_at if rejection else None,
+            now=self.clock(),
+            force=force,
+        )
+        if action is SwapAction.RELABEL:
+            assert served is not None
+            route.handle = replace(served, version=version, stale=answer.stale)
+        elif action is SwapAction.LOAD:
+            self._swap_in(route, answer)
 
     def _swap_in(self, route: Route, answer: Resolution) -> None:
         version = answer.version
         old = route.handle
-        step = "fetch"
-        if route.swap == "memory" and old is not None:
+        if unload_first(route.swap, old is not None):
+            assert old is not None
             log.info(
                 "%s: unloading %s before loading %s (swap = memory)",
                 route.name,
@@ -323,21 +526,22 @@ class ModelManager:
             self._unload(route)
         lease = contextlib.ExitStack()
         try:
-            prepared = self.source.prepare(version)
-            step = "load"
+            prepared = self._step("fetch", lambda: self.source.prepare(version))
             if prepared.cache_key is not None:
                 lease.enter_context(self.source.cache.lease(prepared.cache_key))
             model, load_s, warmup_s = self._bounded(
                 lambda: self._load_and_warm(route, prepared, answer), version.label
             )
-        except LoaderError as exc:
+        except _StepFailed as failed:
             lease.close()
-            self._reject(route, version, _step_of(exc, step), exc, old)
-            return
-        except Exception as exc:  # a model's own code may raise anything
-            lease.close()
-            log.exception("%s: unexpected error at %s", version.label, step)
-            self._reject(route, version, step, exc, old)
+            if not isinstance(failed.error, LoaderError):  # a model's own code raised
+                log.error(
+                    "%s: unexpected error at %s",
+                    version.label,
+                    failed.step,
+                    exc_info=failed.error,
+                )
+            self._reject(route, version, failed.step, failed.error, old)
             return
         handle = ModelHandle(
             route=route.name,
@@ -370,19 +574,30 @@ class ModelManager:
         if self.on_swap is not None:
             self.on_swap(route.name, old, handle)
 
+    @staticmethod
+    def _step(step: str, work: Callable[[], Any]) -> Any:
+        """Run one pipeline step; any failure leaves as :class:`_StepFailed` naming it (a
+        dependency refusal names the dependency check, wherever it happened)."""
+        try:
+            return work()
+        except _StepFailed:
+            raise
+        except DependencyMismatch as exc:
+            raise _StepFailed("dependency check", exc) from exc
+        except Exception as exc:
+            raise _StepFailed(step, exc) from exc
+
     def _load_and_warm(
         self, route: Route, prepared: Prepared, answer: Resolution
     ) -> tuple[Any, float, float]:
         started = time.perf_counter()
-        model = self.source.load(prepared, uri=route.ref.uri, stale=answer.stale)
+        model = self._step(
+            "load", lambda: self.source.load(prepared, uri=route.ref.uri, stale=answer.stale)
+        )
         load_s = time.perf_counter() - started
         if route.warmup:
             example = route.warmup_example or PyFuncLoader(prepared.path).input_example()
-            try:
-                warm_up(model, example, answer.version.label)
-            except LoaderError as exc:
-                exc.step = "warm-up"  # type: ignore[attr-defined]
-                raise
+            self._step("warm-up", lambda: warm_up(model, example, answer.version.label))
         return model, load_s, time.perf_counter() - started - load_s
 
     def _bounded(self, work: Callable[[], Any], label: str) -> Any:
@@ -405,9 +620,13 @@ class ModelManager:
         thread.start()
         thread.join(self.load_timeout_s)
         if thread.is_alive():
-            raise ModelLoadError(
-                f"{label} did not load and warm up within {self.load_timeout_s:.0f}s "
-                "(load_timeout_s); its thread is abandoned"
+            thread.name = f"modeld-abandoned-{thread.name.removeprefix('modeld-')}"
+            raise _StepFailed(
+                "load",
+                ModelLoadError(
+                    f"{label} did not load and warm up within {self.load_timeout_s:.0f}s "
+                    "(load_timeout_s); its thread is abandoned"
+                ),
             )
         if "error" in box:
             raise box["error"]
@@ -423,7 +642,7 @@ class ModelManager:
     ) -> None:
         previous = route.rejections.get(version.cache_key)
         attempts = 1 if previous is None or previous.version != version else previous.attempts + 1
-        delay = min(self.retry_max_s, self.retry_base_s * 2 ** (attempts - 1))
+        delay = backoff_s(attempts, self.retry_base_s, self.retry_max_s)
         now = self.clock()
         reason = str(exc) or type(exc).__name__
         route.rejections.pop(version.cache_key, None)  # re-insert: newest last
@@ -458,20 +677,29 @@ class ModelManager:
 
     # -- status -------------------------------------------------------------------------------
 
-    def status(self, name: str | None = None) -> dict[str, Any]:
-        routes = [self.route(name)] if name is not None else list(self._routes.values())
-        items = [_route_status(r) for r in routes]
+    @typing.overload
+    def status(self, name: str) -> RouteStatus: ...
+
+    @typing.overload
+    def status(self, name: None = None) -> ManagerStatus: ...
+
+    def status(self, name: str | None = None) -> RouteStatus | ManagerStatus:
+        """A typed snapshot of one route (``name``), or of every route and the registry.
+
+        Raises:
+            ModelNotReady: unknown route ``name``.
+        """
         if name is not None:
-            return items[0]
-        return {
-            "models": items,
-            "registry": {
-                "identity": self.source.registry.identity,
-                "reachable": self.registry_down_since is None,
-                "unreachable_since": self.registry_down_since,
-                "last_poll_at": self.last_poll_at,
-            },
-        }
+            return _route_status(self.route(name))
+        return ManagerStatus(
+            models=tuple(_route_status(r) for r in list(self._routes.values())),
+            registry=RegistryStatus(
+                identity=self.source.registry.identity,
+                reachable=self.registry_down_since is None,
+                unreachable_since=self.registry_down_since,
+                last_poll_at=self.last_poll_at,
+            ),
+        )
 
 
 def _checked_ref(name: str, uri: str | ModelRef, swap: str) -> ModelRef:
@@ -480,41 +708,22 @@ def _checked_ref(name: str, uri: str | ModelRef, swap: str) -> ModelRef:
     return uri if isinstance(uri, ModelRef) else parse_uri(uri)
 
 
-def _same_files(a: ModelVersion, b: ModelVersion) -> bool:
-    if a.local_path is not None or b.local_path is not None:
-        return a.local_path == b.local_path and a.last_updated_ms == b.last_updated_ms
-    return a.cache_key == b.cache_key
-
-
-def _step_of(exc: LoaderError, step: str) -> str:
-    if type(exc).__name__ == "DependencyMismatch":
-        return "dependency check"
-    return getattr(exc, "step", step)
-
-
-def _route_status(route: Route) -> dict[str, Any]:
+def _route_status(route: Route) -> RouteStatus:
     handle = route.handle
-    version = handle.version if handle else None
     state = "loaded" if handle else ("failed" if route.rejections or route.problem else "loading")
-    return {
-        "name": route.name,
-        "ref": route.ref.uri,
-        "state": state,
-        "stale": bool(handle and handle.stale),
-        "version": version.version if version else None,
-        "stage": version.stage if version else None,
-        "aliases": list(version.aliases) if version else [],
-        "tags": dict(version.tags) if version else {},
-        "description": version.description if version else None,
-        "run_id": version.run_id if version else None,
-        "source": version.source if version else None,
-        "loaded_at": handle.loaded_at if handle else None,
-        "cache_path": str(handle.prepared.path) if handle else None,
-        "dependency_report": handle.prepared.report.to_dict() if handle else None,
-        "resolved_version": route.resolved.version if route.resolved else None,
-        "pinned": route.pinned,
-        "problem": route.problem,
-        "swaps": route.swaps,
-        "last_swap_at": route.last_swap_at,
-        "rejected": [r.to_dict() for r in route.rejections.values()],
-    }
+    return RouteStatus(
+        name=route.name,
+        ref=route.ref.uri,
+        state=state,
+        stale=bool(handle and handle.stale),
+        version=handle.version if handle else None,
+        loaded_at=handle.loaded_at if handle else None,
+        cache_path=str(handle.prepared.path) if handle else None,
+        dependency_report=handle.prepared.report if handle else None,
+        resolved_version=route.resolved.version if route.resolved else None,
+        pinned=route.pinned,
+        problem=route.problem,
+        swaps=route.swaps,
+        last_swap_at=route.last_swap_at,
+        rejected=tuple(route.rejections.values()),
+    )

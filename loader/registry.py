@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,22 +26,6 @@ READY = "READY"
 #: Files read before the weights, so a strict dependency refusal costs almost nothing.
 METADATA_FILES = ("MLmodel", "requirements.txt", "python_env.yaml", "conda.yaml")
 _PAGE_SIZE = 1000
-_HTTP_BOUNDS = {
-    # MLflow's defaults retry a refused connection 7 times with backoff (minutes); a serving
-    # daemon must notice an outage in seconds and keep serving from its cache.
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
-}
-
-
-def bound_http_retries() -> None:
-    """Bound MLflow's HTTP retries unless the user already set them.
-
-    MLflow reads these only from the environment, at each request.
-    """
-    for key, value in _HTTP_BOUNDS.items():
-        os.environ.setdefault(key, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +105,7 @@ class Registry:
     def __init__(self, client: MlflowClient, *, identity: str | None = None) -> None:
         self.client = client
         self.tracking_uri: str = client._tracking_client.tracking_uri
-        self.identity = identity or _redact(client._registry_uri)
+        self.identity = identity or _redact(str(client._registry_uri))
         self._batch_filter_ok = True
         #: Each registered model's last_updated_timestamp as the last resolve_many saw it:
         #: deleting a version touches it, so a remembered version is re-checked only then.
@@ -174,7 +157,7 @@ class Registry:
         models = self._fetch_models(names)
         stamps = {n: getattr(rm, "last_updated_timestamp", None) for n, rm in models.items()}
         for ref in registry_refs:
-            name = ref.name
+            name = str(ref.name)
             unchanged = name in self._model_stamps and self._model_stamps[name] == stamps.get(name)
             try:
                 out[ref] = self._pick(ref, models.get(name), known.get(ref) if unchanged else None)
@@ -204,7 +187,9 @@ class Registry:
             if name in models or (self._batch_filter_ok and name in batchable):
                 continue
             try:
-                models[name] = self._call(self.client.get_registered_model, name)
+                models[name] = self._call(
+                    self.client.get_registered_model, name, missing=(name, "registered model")
+                )
             except ModelNotFound:
                 continue
         return models
@@ -286,10 +271,9 @@ class Registry:
         return max(ready, key=lambda mv: int(mv.version))
 
     def _get_version(self, name: str, version: int) -> Any:
-        try:
-            return self._call(self.client.get_model_version, name, str(version))
-        except ModelNotFound as exc:
-            raise ModelNotFound(name, f"version {version}") from exc
+        return self._call(
+            self.client.get_model_version, name, str(version), missing=(name, f"version {version}")
+        )
 
     def _require_ready(self, ref: ModelRef, mv: ModelVersion) -> ModelVersion:
         if mv.status != READY:
@@ -352,7 +336,10 @@ class Registry:
             base = version.source
         else:
             base = self._call(
-                self.client.get_model_version_download_uri, version.name, str(version.version)
+                self.client.get_model_version_download_uri,
+                version.name,
+                str(version.version),
+                missing=(version.name, f"version {version.version}"),
             )
         wanted = list(files)
         dst.mkdir(parents=True, exist_ok=True)
@@ -362,6 +349,7 @@ class Registry:
                 artifact_uri=base,
                 dst_path=str(dst),
                 tracking_uri=self.tracking_uri,
+                missing=(version.name, f"artifacts at {base}"),
             )
             _flatten_single_dir(dst)
             return
@@ -380,14 +368,18 @@ class Registry:
 
     # -- error mapping ------------------------------------------------------------------------
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(
+        self, fn: Any, *args: Any, missing: tuple[str, str] | None = None, **kwargs: Any
+    ) -> Any:
+        """``fn(*args, **kwargs)`` with MLflow's errors mapped to ours. ``missing`` is the
+        (model name, what) a RESOURCE_DOES_NOT_EXIST answer means for this call."""
         from mlflow.exceptions import MlflowException
 
         self.calls += 1
         try:
             return fn(*args, **kwargs)
         except MlflowException as exc:
-            raise _map_mlflow_error(self.identity, exc) from exc
+            raise _map_mlflow_error(self.identity, exc, missing) from exc
         except (ConnectionError, TimeoutError) as exc:
             raise RegistryUnavailable(self.identity, f"{type(exc).__name__}: {exc}") from exc
         except OSError:
@@ -398,11 +390,13 @@ class Registry:
             raise RegistryError(f"registry {self.identity}: {_short(exc)}") from exc
 
 
-def _map_mlflow_error(identity: str, exc: Any) -> RegistryError:
+def _map_mlflow_error(
+    identity: str, exc: Any, missing: tuple[str, str] | None = None
+) -> RegistryError:
     code = getattr(exc, "error_code", "")
     message = getattr(exc, "message", str(exc))
-    if code == "RESOURCE_DOES_NOT_EXIST":
-        return ModelNotFound(_between(message), "such entry", detail=_short(message))
+    if code == "RESOURCE_DOES_NOT_EXIST" and missing is not None:
+        return ModelNotFound(*missing)
     if _looks_like_connection_error(exc) or code in ("TEMPORARILY_UNAVAILABLE",):
         return RegistryUnavailable(identity, _short(message))
     if "failures occurred while downloading" in message:
@@ -428,15 +422,6 @@ def _looks_like_connection_error(exc: BaseException) -> bool:
         "Name or service not known",
     )
     return any(m in text for m in markers)
-
-
-def _between(message: str) -> str:
-    """Best-effort model name from MLflow's 'Registered Model with name=X not found'."""
-    for marker in ("name=", "name '"):
-        if marker in message:
-            tail = message.split(marker, 1)[1]
-            return tail.split(" ", 1)[0].strip("'\"")
-    return "?"
 
 
 def _short(value: object, limit: int = 300) -> str:

@@ -1,3 +1,3 @@
-from serving.cli import main
+from serving.cli.main import main
 
 raise SystemExit(main())

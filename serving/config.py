@@ -14,13 +14,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loader.api import SourceOptions
 from loader.cache import VERIFY_MODES
 from loader.deps import MATCHES, POLICIES
-from loader.manager import SWAP_POLICIES
+from loader.manager import SWAP_POLICIES, RouteSpec
 from loader.uri import parse_uri
 
 ENV_PREFIX = "MODELD_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Where the cache lives when ``cache.dir`` is not set (before ``~/.cache/modeld``).
+CACHE_DIR_ENV = "MODELD_CACHE_DIR"
+#: MLflow's defaults retry a refused connection 7 times with backoff (minutes); a serving
+#: daemon must notice an outage in seconds and keep serving from its cache. MLflow reads these
+#: only from the environment, at each request, so the daemon sets them (unless the user did)
+#: once at start, in its own process: the library never touches the environment.
+MLFLOW_HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
+def bound_mlflow_http_retries(env: dict[str, str] | None = None) -> None:
+    """Bound MLflow's HTTP retries in this process unless the user already set them."""
+    target = os.environ if env is None else env
+    for key, value in MLFLOW_HTTP_BOUNDS.items():
+        target.setdefault(key, value)
+
+
+def _live() -> Any:
+    """Marks a key that takes effect on a config reload, without a restart."""
+    return {"live": True}
 
 
 class ConfigProblems(Exception):
@@ -42,7 +66,7 @@ class ServerConfig:
     workers: int = 1
     max_batch_size: int = 32
     max_batch_delay_ms: float = 0.0
-    predict_threads: int = 1
+    predict_threads: int = field(default=1, metadata=_live())
     log_level: str = "INFO"
     log_format: str = "text"
     token: str = field(default="", repr=False)
@@ -56,7 +80,7 @@ class ServerConfig:
 class RegistryConfig:
     tracking_uri: str = ""
     registry_uri: str = ""
-    poll_interval_s: float = 10.0
+    poll_interval_s: float = field(default=10.0, metadata=_live())
 
 
 @dataclass(frozen=True)
@@ -98,6 +122,10 @@ class ModelConfig:
         """The configured warm-up request (MLflow's JSON format), else None."""
         return json.loads(self.warmup_payload) if self.warmup_payload else None
 
+    def route_spec(self) -> RouteSpec:
+        """What the manager serves for this entry (``set_routes``)."""
+        return RouteSpec(self.name, self.uri, self.swap, self.warmup, self.warmup_example)  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class Config:
@@ -117,22 +145,45 @@ class Config:
             return marked[0]
         return self.models[0].name if len(self.models) == 1 else None
 
-    def source_options(self) -> dict[str, Any]:
-        """``loader.make_source``'s keywords for this config (the daemon and the operator
-        commands build their pipeline from the same settings)."""
+    def source_options(self) -> SourceOptions:
+        """The pipeline this config describes (the daemon and the operator commands build
+        theirs from the same settings)."""
         c, d = self.cache, self.dependencies
-        return {
-            "cache_dir": c.dir or None,
-            "tracking_uri": self.registry.tracking_uri or None,
-            "registry_uri": self.registry.registry_uri or None,
-            "dependency_policy": d.policy,
-            "dependency_match": d.match,
-            "dependency_ignore": d.ignore,
-            "verify": c.verify,
-            "max_cache_bytes": c.max_bytes or None,
-            "keep_versions": c.keep_versions or None,
-            "snapshots": c.snapshots,
-        }
+        return SourceOptions(
+            cache_dir=c.dir or None,
+            tracking_uri=self.registry.tracking_uri or None,
+            registry_uri=self.registry.registry_uri or None,
+            dependency_policy=d.policy,  # type: ignore[arg-type]
+            dependency_match=d.match,  # type: ignore[arg-type]
+            dependency_ignore=d.ignore,
+            verify=c.verify,  # type: ignore[arg-type]
+            max_cache_bytes=c.max_bytes or None,
+            keep_versions=c.keep_versions or None,
+            snapshots=c.snapshots,
+        )
+
+    def route_specs(self) -> list[RouteSpec]:
+        return [m.route_spec() for m in self.models]
+
+    def predict_threads(self, route: str) -> int:
+        """Predict threads of ``route``: its own setting, else ``server.predict_threads``."""
+        model = next((m for m in self.models if m.name == route), None)
+        return (model.predict_threads if model else 0) or self.server.predict_threads
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The sections whose change takes effect only after a restart (every key but those
+    marked live: ``server.predict_threads``, ``registry.poll_interval_s``)."""
+    changed = []
+    for section in _SECTIONS:
+        before, after = getattr(old, section), getattr(new, section)
+        for fld in dataclasses.fields(before):
+            if not fld.metadata.get("live") and getattr(before, fld.name) != getattr(
+                after, fld.name
+            ):
+                changed.append(section)
+                break
+    return changed
 
 
 _SECTIONS = {
@@ -200,6 +251,8 @@ def load_config(
             if not secret:
                 problems.append(f"{name}.token_file = {section.token_file!r}: the file is empty")
             sections[name] = dataclasses.replace(section, token=secret)
+    if not sections["cache"].dir and env.get(CACHE_DIR_ENV):
+        sections["cache"] = dataclasses.replace(sections["cache"], dir=env[CACHE_DIR_ENV])
     models = _models(raw.get("models", []), extra_models or [], problems)
     config = Config(**sections, models=tuple(models), path=str(path) if path else None)
     _validate(config, problems)

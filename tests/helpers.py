@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
+import json
 import os
 import socket
 import sqlite3
@@ -205,3 +207,59 @@ def split_body(rows: int = 1) -> bytes:
     return json.dumps(
         {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
     ).encode()
+
+
+# -- the daemon in-process (aiohttp test server) ---------------------------------------------
+
+#: A registry poll interval short enough for following tests.
+POLL_S = 0.2
+
+
+def make_config(registry: Any, cache_dir: Path, *models: str, **overrides: Any) -> Any:
+    """A daemon config over the test registry; ``section__key=value`` overrides."""
+    from serving.config import load_config
+
+    return load_config(
+        env={},
+        overrides={
+            "registry.tracking_uri": registry.uri,
+            "registry.registry_uri": registry.uri,
+            "cache.dir": str(cache_dir),
+            **{k.replace("__", "."): v for k, v in overrides.items()},
+        },
+        extra_models=list(models),
+    )
+
+
+async def start(aiohttp_client: Any, config: Any) -> Any:
+    """The app on a test server, once /health says every model is loaded (bounded)."""
+    from serving.app import create_app
+
+    client = await aiohttp_client(create_app(config))
+    for _ in range(600):
+        resp = await client.get("/health")
+        if resp.status == 200:
+            return client
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never healthy: {await resp.text()}")
+
+
+def split_payload(frame: pd.DataFrame) -> dict[str, Any]:
+    """A `dataframe_split` request document of ``frame``."""
+    return {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+
+
+async def until(predicate: Any, timeout_s: float = 15.0, interval_s: float = 0.05) -> Any:
+    """Wait (bounded) for an async predicate to hold; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(interval_s)
+
+
+async def served(client: Any, route: str) -> Any:
+    """The version route ``route`` serves now, per GET /models/{route}."""
+    resp = await client.get(f"/models/{route}")
+    return (await resp.json())["version"]

@@ -10,7 +10,7 @@ import pytest
 from mlflow.models import infer_signature
 
 from serving.app import DAEMON
-from tests.test_http import make_config, start
+from tests.helpers import make_config, start
 
 
 class Echo(mlflow.pyfunc.PythonModel):
@@ -122,7 +122,7 @@ async def test_closed_loop_clients_land_in_one_batch(echo, monkeypatch):
     """Clients answered by one batch come back at different times (here spread over 50 ms):
     the worker waits for as many as the last batch held (within half a predict, its cap
     raised here past the spread) instead of starting a batch with whoever came first."""
-    from serving import batching
+    from serving.runtime import batching
 
     monkeypatch.setattr(batching, "ADAPTIVE_WAIT_CAP_S", 0.3)
     clients, rounds = 6, 4

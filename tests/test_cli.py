@@ -168,7 +168,7 @@ def test_example_config_is_valid():
 def test_mlflow_models_serve_command_line_is_accepted(capsys):
     """`mlflow models serve`'s flags mean the same here, so a Dockerfile's command line needs
     only its program name changed."""
-    from serving.cli import build_parser, config_from_args, main
+    from serving.cli.main import build_parser, config_from_args, main
 
     line = "serve --model-uri models:/iris/1 -h 0.0.0.0 -p 5001 -t 12 -w 2 --env-manager local"
     config = config_from_args(build_parser().parse_args(line.split()))

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from serving.app import create_app
-from serving.cli import build_parser
+from serving.cli.main import build_parser
 from serving.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,9 +9,16 @@ from pathlib import Path
 import mlflow.pyfunc
 
 from loader import ModelCache, ModelManager, make_source
-from tests.helpers import iris_frame, register
-from tests.test_follow import POLL_S, served, until
-from tests.test_http import make_config, split_payload, start
+from tests.helpers import (
+    POLL_S,
+    iris_frame,
+    make_config,
+    register,
+    served,
+    split_payload,
+    start,
+    until,
+)
 
 
 def save_hanging_model(path):

@@ -9,25 +9,17 @@ import time
 import pytest
 
 from serving.app import DAEMON
-from tests.helpers import iris_frame, register, save_iris_model
-from tests.test_http import make_config, split_payload, start
-
-POLL_S = 0.2
-
-
-async def until(predicate, timeout_s=15.0, interval_s=0.05):
-    """Wait (bounded) for an async predicate to hold; returns its last value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(interval_s)
-
-
-async def served(client, route):
-    resp = await client.get(f"/models/{route}")
-    return (await resp.json())["version"]
+from tests.helpers import (
+    POLL_S,
+    iris_frame,
+    make_config,
+    register,
+    save_iris_model,
+    served,
+    split_payload,
+    start,
+    until,
+)
 
 
 def run(fn, *args, **kwargs):
@@ -239,7 +231,7 @@ async def test_pin_unpin_and_admin_auth(aiohttp_client, registry, cache_dir):
 
 
 def test_admin_without_token_is_loopback_only():
-    from serving.admin import _is_loopback
+    from serving.http.auth import is_loopback as _is_loopback
 
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback(None)
     assert not _is_loopback("10.1.2.3") and not _is_loopback("192.168.0.5")

@@ -8,36 +8,18 @@ import time
 
 import mlflow.pyfunc
 import numpy as np
-import pandas as pd
 import pytest
 
 import loader
 from serving.app import DAEMON, create_app
-from serving.config import load_config
-from tests.helpers import IRIS_COLUMNS, iris_frame, save_slow_model
-
-
-def make_config(registry, cache_dir, *models, **overrides):
-    return load_config(
-        env={},
-        overrides={
-            "registry.tracking_uri": registry.uri,
-            "registry.registry_uri": registry.uri,
-            "cache.dir": str(cache_dir),
-            **{k.replace("__", "."): v for k, v in overrides.items()},
-        },
-        extra_models=list(models),
-    )
-
-
-async def start(aiohttp_client, config):
-    client = await aiohttp_client(create_app(config))
-    for _ in range(600):
-        resp = await client.get("/health")
-        if resp.status == 200:
-            return client
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never healthy: {await resp.text()}")
+from tests.helpers import (
+    IRIS_COLUMNS,
+    iris_frame,
+    make_config,
+    save_slow_model,
+    split_payload,
+    start,
+)
 
 
 @pytest.fixture
@@ -46,10 +28,6 @@ async def iris(aiohttp_client, registry, cache_dir):
         registry, cache_dir, "models:/iris/Production", "real=" + str(registry.models["iris"])
     )
     return await start(aiohttp_client, config)
-
-
-def split_payload(frame: pd.DataFrame) -> dict:
-    return {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
 
 
 async def test_every_input_format_matches_in_process_predict(iris, registry):

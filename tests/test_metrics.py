@@ -6,8 +6,7 @@ import mlflow.pyfunc
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.app import DAEMON, create_app
-from tests.helpers import iris_frame
-from tests.test_http import make_config, split_payload, start
+from tests.helpers import iris_frame, make_config, split_payload, start
 
 
 def samples(text):
@@ -54,7 +53,7 @@ def test_worker_states_merge_into_one_view():
     half done shows both versions, a worker that cannot reach the registry makes it 0."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from serving.metrics import state_families
+    from serving.runtime.metrics import state_families
 
     states = [
         {"models": [["iris", "models:/iris@live", "3", "false", 0]], "reachable": True},

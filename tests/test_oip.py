@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import loader
-from tests.helpers import IRIS_COLUMNS, iris_frame
-from tests.test_http import make_config, start
+from tests.helpers import IRIS_COLUMNS, iris_frame, make_config, start
 
 
 @pytest.fixture
@@ -133,7 +132,7 @@ def test_conformant_tensors_equal_mlflows_enforced_frame(registry, layout):
     double columns) takes the generic path."""
     from mlflow.models.utils import _enforce_schema
 
-    from serving import oip
+    from serving.codecs import oip
 
     model = loader.load_model(str(registry.models["iris"]))
     schema = model.metadata.get_input_schema()

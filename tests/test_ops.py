@@ -110,7 +110,7 @@ def test_pull_progress_line_for_a_large_download(tmp_path, capsys):
     import threading
     import time
 
-    from serving.ops import _Progress
+    from serving.cli.ops import _Progress
 
     tmp = tmp_path / "tmp"
     download = tmp / f"big__3-abc.{os.getpid()}.1f2e3d4c" / "artifacts"

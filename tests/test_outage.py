@@ -8,9 +8,17 @@ import threading
 import time
 
 from serving.app import DAEMON
-from tests.helpers import MlflowServer, iris_frame, register
-from tests.test_follow import POLL_S, served, until
-from tests.test_http import make_config, split_payload, start
+from tests.helpers import (
+    POLL_S,
+    MlflowServer,
+    iris_frame,
+    make_config,
+    register,
+    served,
+    split_payload,
+    start,
+    until,
+)
 
 
 async def test_outage_keeps_serving_then_catches_up_and_restarts_offline(

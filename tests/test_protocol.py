@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 import loader
-from serving import protocol
+from serving.codecs import mlflow as protocol
+from serving.runtime.predict import predict
 from tests.helpers import IRIS_COLUMNS
 
 
@@ -57,7 +58,7 @@ def test_fast_frame_and_direct_predict_equal_mlflow(iris_model, form):
         assert list(frame.columns) == list(theirs.columns) == IRIS_COLUMNS
         assert list(frame.dtypes) == list(theirs.dtypes)
         assert frame.index.equals(theirs.index)
-        direct = protocol.predict(iris_model, frame, None, conformant=True)
+        direct = predict(iris_model, frame, None, conformant=True)
         assert direct.tolist() == iris_model.predict(parsed).tolist()
 
 
@@ -156,5 +157,5 @@ def test_float32_signature_reads_the_same_as_mlflow(tmp_path):
         assert ours.conformant
         assert frame.equals(_enforce_schema(parsed, schema))
         assert list(frame.dtypes) == [np.float32, np.float32]
-        direct = protocol.predict(model, frame, None, conformant=True)
+        direct = predict(model, frame, None, conformant=True)
         assert direct.tolist() == model.predict(parsed).tolist()

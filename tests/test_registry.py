@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from loader import ModelNotFound, Registry, RegistryUnavailable, parse_uri
-from loader.registry import bound_http_retries
+from serving.config import bound_mlflow_http_retries as bound_http_retries
 from tests.helpers import iris_frame, register
 
 PARITY_URIS = [

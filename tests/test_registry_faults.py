@@ -5,9 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.helpers import iris_frame, register
-from tests.test_follow import POLL_S, served, until
-from tests.test_http import make_config, split_payload, start
+from tests.helpers import (
+    POLL_S,
+    iris_frame,
+    make_config,
+    register,
+    served,
+    split_payload,
+    start,
+    until,
+)
 
 
 class TcpProxy:

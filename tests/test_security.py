@@ -13,8 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import free_port, iris_frame, wait_http
-from tests.test_http import make_config, split_payload, start
+from tests.helpers import free_port, iris_frame, make_config, split_payload, start, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import register
-from tests.test_follow import POLL_S, until
-from tests.test_http import make_config, start
+from tests.helpers import POLL_S, make_config, register, start, until
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

@@ -1,4 +1,5 @@
-"""``GET /``: one self-contained HTML page a person reads at a glance (no external assets).
+"""``GET /``: one self-contained HTML page a person reads at a glance (no external assets), and
+``GET /metrics`` (Prometheus).
 
 Each model with its ref, served version, stage and aliases, state, last swap, rejected versions
 with reasons and the dependency report; cache usage; registry reachability. Rendered on the
@@ -14,18 +15,34 @@ from typing import Any
 
 from aiohttp import web
 
-from serving.app import DAEMON
+from serving.http.keys import daemon_of
 
 REFRESH_S = 5
 
 
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", status_page)
+    app.router.add_get("/metrics", metrics)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format, collected off the loop (the cache index is on disk) and not in
+    the load executor: a scrape must not wait behind a model that takes minutes to load."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    body = await asyncio.to_thread(daemon_of(request).metrics.exposition)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
 async def status_page(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
+    daemon = daemon_of(request)
     manager = daemon.manager
     if manager is None:
         body = _page("starting", [], {}, {"reachable": None}, daemon.start_error)
     else:
-        status = manager.status()
+        status = manager.status().to_dict()
         cache = await asyncio.to_thread(_cache_usage, manager.source.cache)  # not behind loads
         body = _page("running", status["models"], cache, status["registry"], None)
     return web.Response(text=body, content_type="text/html", charset="utf-8")
@@ -58,7 +75,7 @@ def _when(ts: float | None) -> str:
     return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))} ({span} ago)"
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -1,27 +1,20 @@
-"""Open Inference Protocol v2 (REST), as spoken by KServe, Triton and MLServer clients.
+"""Open Inference Protocol v2 tensors <-> the model's pyfunc input and output (no aiohttp).
 
-``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]`` (metadata),
-``.../ready`` and ``.../infer``. Named tensors become the model's input per its MLflow signature
-(a column per named input, or one ``[N, K]`` tensor spread over K signature columns, or tensors
-for tensor-spec models); results come back as tensors. Binary tensor data (Triton's extension,
-``Inference-Header-Content-Length``) is accepted on input; answers are JSON. Errors are
-``{"error": "..."}``. Inference goes through the same per-model worker (and batching) as
-``/invocations``.
+Named tensors become the model's input per its MLflow signature (a column per named input, or
+one ``[N, K]`` tensor spread over K signature columns, or tensors for tensor-spec models);
+results come back as tensors. Binary tensor data (Triton's extension,
+``Inference-Header-Content-Length``) is accepted on input; answers are JSON.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
 import orjson
-from aiohttp import web
 
-from loader.errors import ModelNotReady
-from serving.app import DAEMON, Daemon
-from serving.handlers import serving_handle
-from serving.protocol import Codec, Decoded, ProtocolError, numeric_layout, predict_input_schema
+from serving.codecs.base import Codec, Decoded, ProtocolError
+from serving.codecs.mlflow import numeric_layout, predict_input_schema
 
 _NUMPY_BY_DATATYPE = {
     "BOOL": "bool",
@@ -53,101 +46,7 @@ _MLFLOW_TYPE_TO_DATATYPE = {
 MAX_ELEMENTS = 50_000_000
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/v2", server_metadata)
-    r.add_get("/v2/health/live", live)
-    r.add_get("/v2/health/ready", ready)
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        r.add_get(prefix, model_metadata)
-        r.add_get(prefix + "/ready", model_ready)
-        r.add_post(prefix + "/infer", infer)
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps({"error": message[:1000]}), content_type="application/json"
-    )
-
-
-@web.middleware
-async def oip_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Inside /v2 errors take the protocol's shape, ``{"error": "..."}``."""
-    if not request.path.startswith("/v2"):
-        return await handler(request)
-    try:
-        return await handler(request)
-    except ProtocolError as exc:
-        return _error(exc.status, exc.message)
-    except ModelNotReady as exc:
-        return _error(503, str(exc))
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, "request body too large (server.max_body_bytes)")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _error(exc.status, exc.text or exc.reason)
-    except TimeoutError:
-        return _error(504, "inference exceeded server.request_timeout_s")
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
-
-
-async def server_metadata(request: web.Request) -> web.Response:
-    from importlib.metadata import version
-
-    return _json({"name": "modeld", "version": version("modeld"), "extensions": ["binary_data"]})
-
-
-async def live(request: web.Request) -> web.Response:
-    return _json({"live": True})
-
-
-async def ready(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    manager = daemon.manager
-    ok = manager is not None and all(r.handle is not None for r in manager.routes())
-    return _json({"ready": ok}, 200 if ok else 503)
-
-
-def _served(request: web.Request) -> tuple[Daemon, Any]:
-    """(daemon, handle) for the model (and version, when the path names one) in the URL."""
-    daemon = request.app[DAEMON]
-    name = request.match_info["name"]
-    handle = serving_handle(daemon, name)
-    wanted = request.match_info.get("version")
-    if wanted is not None and wanted != str(handle.version.version):
-        raise web.HTTPNotFound(
-            text=f"{name} serves version {handle.version.version}, not {wanted[:20]!r}"
-        )
-    return daemon, handle
-
-
-async def model_ready(request: web.Request) -> web.Response:
-    try:
-        _, handle = _served(request)
-    except ModelNotReady as exc:
-        return _error(503, str(exc))
-    return _json({"name": handle.route, "ready": True})
-
-
-async def model_metadata(request: web.Request) -> web.Response:
-    _, handle = _served(request)
-    metadata = handle.model.metadata
-    return _json(
-        {
-            "name": handle.route,
-            "versions": [str(handle.version.version)],
-            "platform": "mlflow",
-            "inputs": _tensor_specs(metadata.get_input_schema()),
-            "outputs": _tensor_specs(metadata.get_output_schema()),
-        }
-    )
-
-
-def _tensor_specs(schema: Any) -> list[dict[str, Any]]:
+def tensor_specs(schema: Any) -> list[dict[str, Any]]:
     if schema is None:
         return []
     specs = []
@@ -182,20 +81,6 @@ def _datatype(dtype: Any) -> str:
     return _DATATYPE_BY_NAME.get(dtype.name, "BYTES")
 
 
-async def infer(request: web.Request) -> web.Response:
-    daemon, handle = _served(request)
-    body = await request.read()
-    header_length = request.headers.get("Inference-Header-Content-Length")
-    codec = OipCodec(header_length)
-    work = daemon.worker(handle.route).submit(handle, body, codec)
-    payload = await asyncio.wait_for(work, daemon.config.server.request_timeout_s)
-    response = web.Response(body=payload, content_type="application/json")
-    response.headers["X-Model-Name"] = handle.version.name
-    response.headers["X-Model-Version"] = str(handle.version.version)
-    response.headers["X-Model-Route"] = handle.route
-    return response
-
-
 class OipCodec(Codec):
     """Open Inference Protocol v2 tensors <-> the model's pyfunc input and output."""
 
@@ -204,18 +89,16 @@ class OipCodec(Codec):
     def __init__(self, header_length: str | None) -> None:
         self.header_length = header_length
         self.request_id: str | None = None
-        self.requested: list[str] | None = None
+        self.requested: list[Any] | None = None
 
     def decode(self, body: bytes, model: Any) -> Decoded:
         document, binary = self._split(body)
         if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
             raise ProtocolError(
-                400,
-                "BAD_REQUEST",
                 'expected {"inputs": [{"name", "shape", "datatype", "data"}, ...]}',
             )
         if not document["inputs"]:
-            raise ProtocolError(400, "BAD_REQUEST", "'inputs' is empty")
+            raise ProtocolError("'inputs' is empty")
         rid = document.get("id")
         self.request_id = rid if isinstance(rid, str) else None
         outputs = document.get("outputs")
@@ -232,7 +115,7 @@ class OipCodec(Codec):
         for item in document["inputs"]:
             name, array, offset = _tensor(item, binary, offset)
             if name in tensors:
-                raise ProtocolError(400, "BAD_REQUEST", f"input {name!r} given twice")
+                raise ProtocolError(f"input {name!r} given twice")
             tensors[name] = array
         block = _conformant_block(tensors, model)
         if block is not None:
@@ -248,16 +131,14 @@ class OipCodec(Codec):
                 length = int(self.header_length)
             except ValueError:
                 message = "Inference-Header-Content-Length is not a number"
-                raise ProtocolError(400, "BAD_REQUEST", message) from None
+                raise ProtocolError(message) from None
             if not 0 <= length <= len(body):
-                raise ProtocolError(
-                    400, "BAD_REQUEST", "Inference-Header-Content-Length exceeds the body"
-                )
+                raise ProtocolError("Inference-Header-Content-Length exceeds the body")
             header, binary = body[:length], body[length:]
         try:
             return orjson.loads(header), binary
         except orjson.JSONDecodeError as exc:
-            raise ProtocolError(400, "BAD_REQUEST", f"invalid JSON: {exc}") from None
+            raise ProtocolError(f"invalid JSON: {exc}") from None
 
     def encode(self, result: Any, request: Decoded, handle: Any) -> bytes:
         outputs = _from_model_output(result)
@@ -266,8 +147,6 @@ class OipCodec(Codec):
             missing = [n for n in self.requested if n not in known]
             if missing:
                 raise ProtocolError(
-                    400,
-                    "BAD_REQUEST",
                     f"unknown outputs {missing}; the model returns {sorted(known)}",
                 )
             outputs = [o for o in outputs if o["name"] in self.requested]
@@ -285,49 +164,39 @@ def _tensor(item: Any, binary: bytes, offset: int) -> tuple[str, Any, int]:
     import numpy as np
 
     if not isinstance(item, dict):
-        raise ProtocolError(400, "BAD_REQUEST", "each input must be an object")
+        raise ProtocolError("each input must be an object")
     name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
     if not isinstance(name, str) or not name:
-        raise ProtocolError(400, "BAD_REQUEST", "an input has no 'name'")
+        raise ProtocolError("an input has no 'name'")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise ProtocolError(
-            400, "BAD_REQUEST", f"input {name!r}: 'shape' must be a list of non-negative integers"
-        )
+        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers")
     if datatype not in _NUMPY_BY_DATATYPE:
         raise ProtocolError(
-            400,
-            "BAD_REQUEST",
             f"input {name!r}: datatype {datatype!r} is not one of {', '.join(_NUMPY_BY_DATATYPE)}",
         )
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
-        raise ProtocolError(400, "BAD_REQUEST", f"input {name!r} has {count} elements")
+        raise ProtocolError(f"input {name!r} has {count} elements")
     dtype = _NUMPY_BY_DATATYPE[datatype]
     size = (item.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or offset + size > len(binary):
-            raise ProtocolError(
-                400, "BAD_REQUEST", f"input {name!r}: binary_data_size exceeds the binary part"
-            )
+            raise ProtocolError(f"input {name!r}: binary_data_size exceeds the binary part")
         chunk = binary[offset : offset + size]
         offset += size
         array = _bytes_tensor(chunk) if datatype == "BYTES" else np.frombuffer(chunk, dtype)
     else:
         data = item.get("data")
         if data is None:
-            raise ProtocolError(400, "BAD_REQUEST", f"input {name!r} has no 'data'")
+            raise ProtocolError(f"input {name!r} has no 'data'")
         try:
             array = np.array(data, dtype=dtype)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise ProtocolError(
-                400, "BAD_REQUEST", f"input {name!r}: data is not {datatype} ({exc})"
-            ) from None
+            raise ProtocolError(f"input {name!r}: data is not {datatype} ({exc})") from None
     if array.size != count:
         raise ProtocolError(
-            400,
-            "BAD_REQUEST",
             f"input {name!r}: shape {shape} needs {count} elements, got {array.size}",
         )
     return name, array.reshape(shape), offset
@@ -394,14 +263,12 @@ def _to_model_input(tensors: dict[str, Any], schema: Any) -> Any:
             array = array[:, 0]
         if array.ndim != 1:
             raise ProtocolError(
-                400,
-                "BAD_REQUEST",
                 f"input {name!r}: a column takes shape [N] or [N, 1], got {list(array.shape)}",
             )
         frame[name] = array
     lengths = {len(a) for a in frame.values()}
     if len(lengths) > 1:
-        raise ProtocolError(400, "BAD_REQUEST", "inputs have different lengths")
+        raise ProtocolError("inputs have different lengths")
     return pd.DataFrame(frame)
 
 
@@ -422,6 +289,7 @@ def _output(name: str, array: Any) -> dict[str, Any]:
     import numpy as np
 
     datatype = _datatype(array.dtype)
+    data: list[Any]
     if datatype == "BYTES":
         data = [x if isinstance(x, str) else str(x) for x in array.reshape(-1).tolist()]
     else:
@@ -432,3 +300,14 @@ def _output(name: str, array: Any) -> dict[str, Any]:
         if flat.dtype.kind == "f":
             data = [None if isinstance(x, float) and math.isnan(x) else x for x in data]
     return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
+
+
+def model_metadata(route: str, version: int, metadata: Any) -> dict[str, Any]:
+    """``GET /v2/models/{name}``'s answer for a model's MLflow ``metadata``."""
+    return {
+        "name": route,
+        "versions": [str(version)],
+        "platform": "mlflow",
+        "inputs": tensor_specs(metadata.get_input_schema()),
+        "outputs": tensor_specs(metadata.get_output_schema()),
+    }

@@ -1,6 +1,7 @@
 """Prometheus metrics (prometheus-client), one registry per app (no globals).
 
-Request metrics come from a middleware; lifecycle metrics from the manager's observer events;
+Request metrics come from the transports (:meth:`Metrics.track`, one per prediction request,
+told the route and version that answered); lifecycle metrics from the manager's observer events;
 cache, model info and dependency figures are read at scrape time (in a worker thread: the cache
 index is on disk; not in the load executor, which a long load holds). With ``--workers`` the
 counters go through prometheus-client's multiprocess files and each worker publishes its model
@@ -13,32 +14,31 @@ import glob
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 from loader.cache import pid_alive
 
 if TYPE_CHECKING:
-    from serving.app import Daemon
+    from loader.manager import ModelManager
 
 log = logging.getLogger(__name__)
+ManagerRef = Callable[[], "ModelManager | None"]
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-PREDICT_PREFIXES = ("/invocations", "/models/", "/v2/models/")
 
 
 class Metrics:
     """Every metric modeld exports."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, manager: ManagerRef) -> None:
+        self.manager = manager
         self.seen = 0  # prediction requests this process read...
         self.answered = 0  # ...and answered (logged at shutdown: proof of a clean drain)
         self.registry = CollectorRegistry(auto_describe=True)
@@ -102,7 +102,7 @@ class Metrics:
         self.cache_events = Counter(
             "modeld_cache", "Disk cache lookups and evictions", ["event"], registry=r
         )
-        r.register(_StateCollector(daemon))
+        r.register(_StateCollector(manager))
 
     def cache_event(self, event: str) -> None:
         """The ModelCache's observer: hits, misses, evictions."""
@@ -118,7 +118,7 @@ class Metrics:
 
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
-        merged.register(_StateCollector(self.daemon, os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+        merged.register(_StateCollector(self.manager, os.environ["PROMETHEUS_MULTIPROC_DIR"]))
         return generate_latest(merged)
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
@@ -138,68 +138,79 @@ class Metrics:
 
     def _publish(self) -> None:
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if not directory or self.daemon.manager is None:
+        manager = self.manager()
+        if not directory or manager is None:
             return
         try:
-            publish_state(self.daemon, directory)
+            publish_state(manager, directory)
         except OSError as exc:  # metrics must never break following
             log.warning("could not publish this worker's state for /metrics: %s", exc)
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        path = request.path
-        if request.method != "POST" or not path.startswith(PREDICT_PREFIXES):
-            return await handler(request)
-        model = request.match_info.get("name") or self.daemon.config.default_model or "default"
-        gauge = self.in_flight.labels(model)
-        gauge.inc()
-        self.seen += 1
-        started = time.perf_counter()
-        status, version = 500, ""
-        try:
-            response = await handler(request)
-            status = response.status
-            version = response.headers.get("X-Model-Version", "")
-            model = response.headers.get("X-Model-Route", model)
-            self.answered += 1
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            gauge.dec()
-            self.latency.labels(model).observe(time.perf_counter() - started)
-            self.requests.labels(model, version, str(status)).inc()
+    def track(self, model: str) -> RequestTrack:
+        """Start counting one prediction request for route ``model`` (the label until the
+        request says which route answered); call :meth:`RequestTrack.done` at its end."""
+        return RequestTrack(self, model)
+
+    def batch(self, route: str, size: int) -> None:
+        """A predict call answered ``size`` requests of ``route``."""
+        self.batch_size.labels(route).observe(size)
+
+
+class RequestTrack:
+    """One prediction request in flight: its gauge, latency and outcome."""
+
+    __slots__ = ("_metrics", "_model", "_started")
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._metrics, self._model = metrics, model
+        self._started = time.perf_counter()
+        metrics.in_flight.labels(model).inc()
+        metrics.seen += 1
+
+    def done(
+        self,
+        status: int,
+        *,
+        route: str | None = None,
+        version: int | None = None,
+        answered: bool = True,
+    ) -> None:
+        """The request ended with HTTP-like ``status``, for ``route`` at ``version`` (None when
+        no version took it); ``answered`` is False when it ended without an answer (cancelled:
+        the client went away, or the server stopped)."""
+        m = self._metrics
+        m.in_flight.labels(self._model).dec()
+        model = route or self._model
+        m.latency.labels(model).observe(time.perf_counter() - self._started)
+        m.requests.labels(model, "" if version is None else str(version), str(status)).inc()
+        if answered:
+            m.answered += 1
 
 
 STATE_FILE_PREFIX = "modeld-state-"
 
 
-def worker_state(daemon: Daemon) -> dict[str, Any] | None:
-    """What this process serves, as the scrape reports it (None before the pipeline exists)."""
-    manager = daemon.manager
-    if manager is None:
-        return None
+def worker_state(manager: ModelManager) -> dict[str, Any]:
+    """What this process serves, as the scrape reports it."""
+    status = manager.status()
     models = [
         [
             route.name,
-            route.ref.uri,
-            str(route.handle.version.version),
-            str(route.handle.stale).lower(),
-            len(route.handle.prepared.report.mismatches),
+            route.ref,
+            str(route.version.version),
+            str(route.stale).lower(),
+            len(route.dependency_report.mismatches) if route.dependency_report else 0,
         ]
-        for route in manager.routes()
-        if route.handle is not None
+        for route in status.models
+        if route.version is not None
     ]
-    return {"models": models, "reachable": manager.registry_down_since is None}
+    return {"models": models, "reachable": status.registry.reachable}
 
 
-def publish_state(daemon: Daemon, directory: str) -> None:
+def publish_state(manager: ModelManager, directory: str) -> None:
     """Write this worker's state beside prometheus-client's multiprocess files (atomically),
     for whichever worker answers the next scrape."""
-    state = worker_state(daemon)
-    if state is None:
-        return
+    state = worker_state(manager)
     path = os.path.join(directory, f"{STATE_FILE_PREFIX}{os.getpid()}.json")
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as fh:
@@ -257,20 +268,20 @@ class _StateCollector:
     """Figures read at scrape time: this worker's (and, with ``--workers``, the others'
     published) state, and the shared cache."""
 
-    def __init__(self, daemon: Daemon, peers_dir: str | None = None) -> None:
-        self.daemon = daemon
+    def __init__(self, manager: ManagerRef, peers_dir: str | None = None) -> None:
+        self.manager = manager
         self.peers_dir = peers_dir
 
     def describe(self) -> list[Any]:
         return []
 
     def collect(self) -> Iterator[Any]:
-        state = worker_state(self.daemon)
-        if state is None:
+        manager = self.manager()
+        if manager is None:
             return
         peers = peer_states(self.peers_dir) if self.peers_dir else []
-        yield from state_families([state, *peers])
-        cache = self.daemon.manager.source.cache  # type: ignore[union-attr]
+        yield from state_families([worker_state(manager), *peers])
+        cache = manager.source.cache
         entries = cache.entries()
         yield GaugeMetricFamily(
             "modeld_cache_bytes", "Bytes in the disk cache", value=sum(e["bytes"] for e in entries)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import threading
 from pathlib import Path
+
+from serving.config import Config, load_config
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +86,14 @@ def promote_new_version(state_dir: Path, uri: str, url: str, *, delay_s: float =
     )
 
 
-def run_demo(state_dir: str, *, host: str, port: int) -> int:
+def prepare(state_dir: str, *, host: str, port: int) -> tuple[Config, str, threading.Thread]:
+    """Build the demo registry and return what to serve: the config, the banner to print once
+    listening, and the (unstarted) thread that promotes a new version once it answers."""
     import warnings
 
     # MLflow's deprecation notes about stages and schema hints are noise in a first-run demo.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    from serving.cli import serve
-    from serving.config import load_config
 
     state = Path(state_dir)
     print(f"modeld demo: building a local MLflow registry in {state}/ ...", flush=True)
@@ -129,10 +132,8 @@ def run_demo(state_dir: str, *, host: str, port: int) -> int:
         f"  curl -s http://{host}:{port}/models\n"
         "Stop with Ctrl-C.\n"
     )
-    import threading
-
     url = f"http://{host}:{port}"
-    threading.Thread(
+    promoter = threading.Thread(
         target=promote_new_version, args=(state, uri, url), name="modeld-demo", daemon=True
-    ).start()
-    return serve(config, banner=banner)
+    )
+    return config, banner, promoter

@@ -60,7 +60,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_operation(args: argparse.Namespace) -> int:
     from serving.config import ConfigProblems, load_config
 
     try:
@@ -77,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"modeld: {exc}", file=sys.stderr)
         return 2
     from loader.api import make_source
+    from serving.config import bound_mlflow_http_retries
 
+    bound_mlflow_http_retries()
     try:
-        source = make_source(**config.source_options())
+        source = make_source(config.source_options())
         return {"pull": _pull, "resolve": _resolve, "check": _check, "cache": _cache}[args.command](
             source, args
         )

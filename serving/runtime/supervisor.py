@@ -21,10 +21,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from loader.policy import backoff_s
+
 log = logging.getLogger("modeld.workers")
 WORKER_ENV = "MODELD_WORKER"
 RESTART_WINDOW_S = 60.0
 RESTARTS_BEFORE_BACKOFF = 5
+RESTART_BACKOFF_BASE_S = 2.0
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 def is_worker() -> bool:
@@ -83,7 +87,11 @@ def supervise(argv: Sequence[str], workers: int, *, drain_timeout_s: float) -> i
                     "worker %d (pid %d) exited with %s: restarting", index + 1, proc.pid, code
                 )
                 if len(restarts) > RESTARTS_BEFORE_BACKOFF:
-                    backoff = min(30.0, 2.0 ** (len(restarts) - RESTARTS_BEFORE_BACKOFF))
+                    backoff = backoff_s(
+                        len(restarts) - RESTARTS_BEFORE_BACKOFF,
+                        RESTART_BACKOFF_BASE_S,
+                        RESTART_BACKOFF_MAX_S,
+                    )
                     until = time.monotonic() + backoff
                     while not stopping and time.monotonic() < until:  # SIGTERM ends the wait
                         time.sleep(0.2)
@@ -106,7 +114,7 @@ def _mark_dead(pid: int, directory: str) -> None:
     try:
         from prometheus_client import multiprocess
 
-        from serving.metrics import STATE_FILE_PREFIX
+        from serving.runtime.metrics import STATE_FILE_PREFIX
 
         multiprocess.mark_process_dead(pid, directory)
         with contextlib.suppress(FileNotFoundError):

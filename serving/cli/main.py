@@ -1,4 +1,5 @@
-"""``modeld`` command line: serve, demo, check-config."""
+"""``modeld`` command line: the parser, ``serve``, ``demo``, ``check-config`` and the operator
+commands (:mod:`serving.cli.ops`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from serving.cli.ops import add_commands, run_operation
+from serving.cli.serve import serve
 from serving.config import Config, ConfigProblems, load_config
 
 log = logging.getLogger("modeld")
@@ -36,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit (2 when bad)")
     check.add_argument("config", help="TOML config file")
 
-    from serving import ops
-
-    ops.add_commands(sub)
+    add_commands(sub)
     return parser
 
 
@@ -149,74 +150,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command in ("pull", "resolve", "check", "cache"):
-        from serving import ops
-
-        return ops.run(args)
+        return run_operation(args)
     if args.command == "demo":
-        from serving.demo import run_demo
+        from serving.cli.demo import prepare
 
-        return run_demo(args.state_dir, host=args.host, port=args.port)
+        config, banner, promoter = prepare(args.state_dir, host=args.host, port=args.port)
+        promoter.start()
+        return serve(config, banner=banner)
     try:
         config = config_from_args(args)
     except ConfigProblems as exc:
         print(f"modeld: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    from serving import workers
+    from serving.runtime.supervisor import is_worker, supervise
 
-    if config.server.workers > 1 and not workers.is_worker():
+    if config.server.workers > 1 and not is_worker():
         from serving.logsetup import setup_logging
 
         setup_logging(config.server.log_level, config.server.log_format)
-        return workers.supervise(
+        return supervise(
             given,
             config.server.workers,
             drain_timeout_s=config.server.drain_timeout_s,
         )
     return serve(config, reload=reloader(args))
-
-
-def serve(
-    config: Config, *, banner: str | None = None, reload: Callable[[], Config] | None = None
-) -> int:
-    from aiohttp import web
-
-    from serving.app import create_app
-    from serving.logsetup import setup_logging
-
-    setup_logging(config.server.log_level, config.server.log_format)
-    app = create_app(config, reload=reload)
-    server = config.server
-    ssl_context = None
-    if server.ssl_certfile:
-        import ssl
-
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(server.ssl_certfile, server.ssl_keyfile)
-    if server.unix_socket:
-        where = {"path": server.unix_socket}
-        address = f"unix:{server.unix_socket}"
-    else:
-        where = {"host": server.host, "port": server.port, "reuse_port": server.workers > 1}
-        address = f"{'https' if ssl_context else 'http'}://{server.host}:{server.port}"
-
-    async def announce(_: web.Application) -> None:
-        routes = ", ".join(f"{m.name}={m.uri}" for m in config.models)
-        log.info("modeld listening on %s serving %s", address, routes)
-        if banner:
-            print(banner, flush=True)
-
-    app.on_startup.append(announce)
-    web.run_app(
-        app,
-        **where,
-        ssl_context=ssl_context,
-        shutdown_timeout=config.server.drain_timeout_s,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )
-    log.info("modeld stopped")
-    return 0
 
 
 def _check_config(path: str) -> int:

@@ -25,7 +25,8 @@ from typing import Any
 import orjson
 
 from loader.manager import ModelHandle
-from serving import protocol
+from serving.codecs.base import Codec, Decoded, ModelMemo, conformant_frame
+from serving.runtime.predict import predict
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,10 @@ WAIT_FRACTION = 0.5
 class _Job:
     handle: ModelHandle
     body: bytes
-    codec: protocol.Codec
+    codec: Codec
     future: asyncio.Future[bytes]
     loop: asyncio.AbstractEventLoop
-    request: protocol.Decoded | None = None
+    request: Decoded | None = None
     key: Any = field(default=None)
 
 
@@ -66,7 +67,7 @@ class RouteWorker:
         max_batch_size: int = 32,
         max_batch_delay_s: float = 0.0,
         threads: int = 1,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
     ):
         self.route = route
         self.max_batch_size = max(1, max_batch_size)
@@ -75,7 +76,7 @@ class RouteWorker:
         self._on_batch = on_batch
         self._predict_s: float | None = None  # moving average of one batch's processing time
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._unbatchable = protocol.ModelMemo()
+        self._unbatchable = ModelMemo()
         self._stats_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._run, name=f"modeld-predict-{route}-{i}", daemon=True)
@@ -88,9 +89,7 @@ class RouteWorker:
     def threads(self) -> int:
         return len(self._threads)
 
-    def submit(
-        self, handle: ModelHandle, body: bytes, codec: protocol.Codec
-    ) -> asyncio.Future[bytes]:
+    def submit(self, handle: ModelHandle, body: bytes, codec: Codec) -> asyncio.Future[bytes]:
         """Queue one request; the future resolves to the encoded response body."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
@@ -218,7 +217,7 @@ class RouteWorker:
         request = job.request
         assert request is not None
         try:
-            result = protocol.predict(
+            result = predict(
                 job.handle.model,
                 request.model_input(),
                 request.params,
@@ -238,7 +237,7 @@ class RouteWorker:
         frame = _stack([j.request for j in group])  # type: ignore[misc]
         total = len(frame)
         try:
-            result = protocol.predict(model, frame, first.params, conformant=first.conformant)
+            result = predict(model, frame, first.params, conformant=first.conformant)
         except Exception:
             for job in group:  # attribute the failure to the request(s) that cause it
                 self._predict_one(job)
@@ -259,6 +258,7 @@ class RouteWorker:
             return
         self._count(len(group))
         for job, part in zip(group, parts, strict=True):
+            assert job.request is not None
             try:
                 body = job.codec.encode(part, job.request, job.handle)
             except Exception as exc:
@@ -268,22 +268,20 @@ class RouteWorker:
 
     def _count(self, n: int) -> None:
         if self._on_batch is not None:
-            self._on_batch(n)
+            self._on_batch(self.route, n)
         with self._stats_lock:
             self.stats.calls += 1
             self.stats.requests += n
             self.stats.largest = max(self.stats.largest, n)
 
 
-def _stack(requests: list[protocol.Decoded]) -> Any:
+def _stack(requests: list[Decoded]) -> Any:
     """One model input holding every request's rows, in order."""
     first = requests[0]
     if first.matrix is not None:
         import numpy as np
 
-        return protocol.conformant_frame(
-            np.concatenate([r.matrix for r in requests]), first.columns
-        )
+        return conformant_frame(np.concatenate([r.matrix for r in requests]), first.columns)
     import pandas as pd
 
     return pd.concat([r.data for r in requests], ignore_index=True)

@@ -1,65 +1,73 @@
-"""Following: the poll loop, push refreshes, and watchdog on local models and the config file.
+"""Following: the registry poll loop, push refreshes, and watchdog on local models and the config.
 
-Threads (watchdog's observer) reach the event loop only through ``call_soon_threadsafe``; every
-refresh runs the loader's synchronous ``ModelManager.refresh`` in the daemon's load executor.
+The poll loop is the loader's own :class:`~loader.poller.Poller` (the one ``LiveModel`` uses): a
+thread calling the manager's synchronous ``refresh`` on the configured schedule. Watchdog's
+thread reaches the event loop only through ``call_soon_threadsafe``; what a file change
+triggers (a config reload, a local model's refresh) is the lifecycle's to run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from loader.poller import PollSchedule
+from loader.manager import ModelManager
+from loader.poller import Poller, PollSchedule
 from loader.uri import RefKind, parse_uri
+from serving.config import Config
 
 if TYPE_CHECKING:
     from watchdog.events import FileSystemEvent
-
-    from serving.app import Daemon
 
 log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.5
 
 
 class Follower:
-    """Re-resolve every followed ref on a schedule, at once when poked, and on file changes."""
+    """Re-resolve every followed ref on a schedule, at once when poked, and on file changes.
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self._wake = asyncio.Event()
+    Args:
+        manager: whose ``refresh`` the poll loop calls.
+        config: the configuration in force now (read at each poll and file event).
+        on_config_change: called on the loop when the config file changed.
+        on_model_change: called on the loop with a route name when its local files changed.
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        config: Callable[[], Config],
+        *,
+        on_config_change: Callable[[], object],
+        on_model_change: Callable[[str], object],
+    ) -> None:
+        self._config = config
+        self._on_config_change = on_config_change
+        self._on_model_change = on_model_change
         self._loop = asyncio.get_running_loop()
-        self._observer = None
+        self._poller = Poller(
+            manager.refresh, lambda: PollSchedule(config().registry.poll_interval_s)
+        )
+        self._observer: Any = None
         self._watched: dict[str, object] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
-    @property
-    def schedule(self) -> PollSchedule:
-        return PollSchedule(self.daemon.config.registry.poll_interval_s)
+    def start(self) -> None:
+        """Start polling, and watching files where the platform allows (else polling alone
+        follows local models too)."""
+        self._poller.start()
+        try:
+            self.start_watching()
+        except Exception:  # e.g. inotify limits: polling still follows the registry
+            log.exception("file watching unavailable; local models reload at each poll")
 
     def poke(self) -> None:
-        """Poll now (from the loop thread)."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        """The poll loop; the daemon's initial load has already happened."""
-        failures = 0
-        while True:
-            delay = self.schedule.next_delay(failures)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-            self._wake.clear()
-            try:
-                await self.daemon.refresh()
-            except Exception:  # never let following die: the served models keep serving
-                log.exception("registry poll failed")
-            manager = self.daemon.manager
-            down = manager is not None and manager.registry_down_since is not None
-            failures = failures + 1 if down else 0
+        """Poll now (thread-safe)."""
+        self._poller.poke()
 
     # -- watchdog -----------------------------------------------------------------------------
 
@@ -68,9 +76,10 @@ class Follower:
         from watchdog.observers import Observer
 
         self._observer = Observer()
+        self._observer.name = "modeld-watch"
         self._observer.daemon = True
         self._observer.start()
-        config_path = self.daemon.config.path
+        config_path = self._config().path
         if config_path:
             path = Path(config_path).resolve()
             self._watch(
@@ -83,7 +92,7 @@ class Follower:
         if self._observer is None:
             return
         wanted = {}
-        for model in self.daemon.config.models:
+        for model in self._config().models:
             ref = parse_uri(model.uri)
             if ref.kind is RefKind.PATH and ref.path and os.path.isdir(ref.path):
                 wanted[f"model:{model.name}"] = ref.path
@@ -122,13 +131,15 @@ class Follower:
     def _fire(self, key: str) -> None:
         self._timers.pop(key, None)
         if key == "config":
-            self.daemon.spawn(self.daemon.reload_config())
+            self._on_config_change()
         else:
             name = key.split(":", 1)[1]
             log.info("%s: files changed on disk, reloading", name)
-            self.daemon.spawn(self.daemon.refresh([name]))
+            self._on_model_change(name)
 
     def stop(self) -> None:
+        """Stop polling and watching; joins both threads (blocking: run it off the loop)."""
+        self._poller.stop()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()

@@ -1,6 +1,6 @@
-"""The MLflow scoring protocol: request decoding, prediction encoding, the error envelope.
+"""MLflow's scoring protocol: request decoding and prediction encoding (``/invocations``).
 
-No aiohttp here: these functions take bytes and return bytes, and run in the predict executor.
+No aiohttp here: these functions take bytes and return bytes, and run on the predict threads.
 Parsing and schema handling reuse MLflow's own scoring-server functions so behaviour matches
 ``mlflow models serve``; JSON goes through orjson (fast, nesting bounded at 1024 levels).
 """
@@ -10,11 +10,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from serving.codecs.base import (
+    Codec,
+    Decoded,
+    ModelMemo,
+    ProtocolError,
+    UnsupportedMediaType,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,51 +29,10 @@ CSV = "text/csv"
 PARQUET = "application/vnd.apache.parquet"
 CONTENT_TYPES = (JSON, CSV, PARQUET)
 FORMAT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
-MAX_MESSAGE_CHARS = 1000
-
-
-class ModelMemo:
-    """Facts about a loaded model, kept as long as the model lives.
-
-    (PyFuncModel is unhashable, so a WeakKeyDictionary cannot hold it: key by identity and let a
-    weak reference's callback drop the entry.)
-    """
-
-    def __init__(self) -> None:
-        self._data: dict[int, tuple[weakref.ref[Any], Any]] = {}
-
-    def get(self, model: Any, default: Any = None) -> Any:
-        entry = self._data.get(id(model))
-        return entry[1] if entry is not None and entry[0]() is model else default
-
-    def set(self, model: Any, value: Any) -> None:
-        key = id(model)
-        self._data[key] = (weakref.ref(model, lambda _: self._data.pop(key, None)), value)
-
 
 _MISSING = object()
 #: Per-model answer of numeric_layout (its signature does not change once loaded).
 _LAYOUTS = ModelMemo()
-_DIRECT = ModelMemo()
-
-
-class ProtocolError(Exception):
-    """A request the protocol refuses: carries the HTTP status and MLflow's error code."""
-
-    def __init__(self, status: int, error_code: str, message: str) -> None:
-        self.status, self.error_code = status, error_code
-        self.message = bound(message)
-        super().__init__(self.message)
-
-
-def bound(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """Cut a message so an error body never carries a large part of a request."""
-    return message if len(message) <= limit else message[:limit] + f"... ({len(message)} chars)"
-
-
-def error_body(error_code: str, message: str) -> bytes:
-    """MLflow's error envelope."""
-    return orjson.dumps({"error_code": error_code, "message": bound(message)})
 
 
 def parse_content_type(header: str | None) -> tuple[str, dict[str, str]]:
@@ -75,18 +40,16 @@ def parse_content_type(header: str | None) -> tuple[str, dict[str, str]]:
     lower-cased, quoted values unquoted.
 
     Raises:
-        ProtocolError: 415 when the header is missing or malformed.
+        UnsupportedMediaType: the header is missing or malformed.
     """
     if header is None or not header.strip():
-        raise ProtocolError(
-            415,
-            "BAD_REQUEST",
+        raise UnsupportedMediaType(
             f"missing Content-Type header; send one of {', '.join(CONTENT_TYPES)}",
         )
     parts = _split_params(header)
     mime = parts[0].strip().lower()
     if mime.count("/") != 1 or not all(mime.split("/")):
-        raise ProtocolError(415, "BAD_REQUEST", f"malformed Content-Type {header[:100]!r}")
+        raise UnsupportedMediaType(f"malformed Content-Type {header[:100]!r}")
     params: dict[str, str] = {}
     for part in parts[1:]:
         key, sep, value = part.partition("=")
@@ -125,78 +88,22 @@ def check_content_type(header: str | None) -> str:
     """The mime type of a supported request, else a 415 like MLflow's.
 
     Raises:
-        ProtocolError: unsupported type, charset other than UTF-8, unknown parameters.
+        UnsupportedMediaType: unsupported type, charset other than UTF-8, unknown parameters.
     """
     mime, params = parse_content_type(header)
     if mime not in CONTENT_TYPES:
-        raise ProtocolError(
-            415,
-            "BAD_REQUEST",
+        raise UnsupportedMediaType(
             f"unsupported Content-Type {mime!r}: this server accepts {', '.join(CONTENT_TYPES)}",
         )
     charset = params.pop("charset", "utf-8").lower()
     if charset not in ("utf-8", "utf8"):
-        raise ProtocolError(415, "BAD_REQUEST", f"charset {charset!r}: only UTF-8 is supported")
+        raise UnsupportedMediaType(f"charset {charset!r}: only UTF-8 is supported")
     if params:
-        raise ProtocolError(
-            415,
-            "BAD_REQUEST",
+        raise UnsupportedMediaType(
             f"unrecognized Content-Type parameters: {', '.join(sorted(params))} "
             "(the MLflow 2.0 scoring protocol takes only charset)",
         )
     return mime
-
-
-@dataclass(slots=True)
-class Decoded:
-    """A request ready for ``model.predict``.
-
-    ``unwrapped``: MLflow's unified LLM input, whose answer is not wrapped in
-    ``{"predictions": ...}``. ``conformant``: built by the fast path, so it already has exactly
-    the signature's columns, order and dtype (MLflow's schema enforcement would change nothing);
-    its rows are kept as one 2-D ``matrix`` (``columns`` name them) and the DataFrame is built
-    only when this request is predicted on its own: a batch stacks the matrices and builds one.
-    """
-
-    data: Any = None
-    params: dict[str, Any] | None = None
-    unwrapped: bool = False
-    conformant: bool = False
-    matrix: Any = None
-    columns: list[str] | None = None
-
-    def model_input(self) -> Any:
-        """What ``predict`` takes: the decoded input (a conformant request's DataFrame)."""
-        if self.data is None and self.matrix is not None:
-            self.data = conformant_frame(self.matrix, self.columns)
-        return self.data
-
-    @property
-    def rows(self) -> int:
-        """Rows of a tabular request (0 when it is not a table)."""
-        if self.matrix is not None:
-            return len(self.matrix)
-        return len(self.data) if hasattr(self.data, "columns") else 0
-
-
-def conformant_frame(matrix: Any, columns: list[str] | None) -> Any:
-    """The DataFrame MLflow's parser builds for these rows: RangeIndex, one dtype."""
-    import pandas as pd
-
-    return pd.DataFrame(matrix, columns=columns, copy=False)
-
-
-class Codec:
-    """How one wire protocol turns bytes into a model input and a result into bytes.
-
-    The predict worker calls both on its thread; a codec holds per-request settings only.
-    """
-
-    def decode(self, body: bytes, model: Any) -> Decoded:
-        raise NotImplementedError
-
-    def encode(self, result: Any, request: Decoded, handle: Any) -> bytes:
-        raise NotImplementedError
 
 
 class MlflowCodec(Codec):
@@ -223,7 +130,7 @@ def decode(body: bytes, mime: str, model: Any) -> Decoded:
     """Turn a request body into a :class:`Decoded` request for ``model.predict``.
 
     Raises:
-        ProtocolError: 400 with MLflow's error code when the body is not a valid request.
+        ProtocolError: with MLflow's error code, when the body is not a valid request.
     """
     from mlflow.exceptions import MlflowException
 
@@ -233,7 +140,7 @@ def decode(body: bytes, mime: str, model: Any) -> Decoded:
             from mlflow.pyfunc.scoring_server import parse_csv_input
 
             if not body.strip():
-                raise ProtocolError(400, "BAD_REQUEST", "empty CSV body: send a header row")
+                raise ProtocolError("empty CSV body: send a header row")
             return Decoded(parse_csv_input(io.StringIO(_utf8(body)), schema=schema))
         if mime == PARQUET:
             from mlflow.pyfunc.scoring_server import parse_parquet_input
@@ -241,35 +148,30 @@ def decode(body: bytes, mime: str, model: Any) -> Decoded:
             return Decoded(parse_parquet_input(io.BytesIO(body)))
         return _decode_json(body, model, schema)
     except MlflowException as exc:
-        raise ProtocolError(400, _code(exc), _first_part(exc.message)) from exc
+        raise ProtocolError(first_part(exc.message), error_code_of(exc)) from exc
 
 
 def _decode_json(body: bytes, model: Any, schema: Any) -> Decoded:
     from mlflow.pyfunc.scoring_server import _parse_json_data
 
     if not body.strip():
-        raise ProtocolError(400, "BAD_REQUEST", _required_format("the body is empty"))
+        raise ProtocolError(_required_format("the body is empty"))
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ProtocolError(400, "BAD_REQUEST", f"invalid JSON: {exc}") from None
+        raise ProtocolError(f"invalid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise ProtocolError(
-            400, "BAD_REQUEST", _required_format(f"received a JSON {type(document).__name__}")
-        )
+        raise ProtocolError(_required_format(f"received a JSON {type(document).__name__}"))
     params = document.get("params")
     if params is not None and not isinstance(params, dict):
         raise ProtocolError(
-            400,
-            "INVALID_PARAMETER_VALUE",
             f"'params' must be a JSON object of parameter names to values, got "
             f"{type(params).__name__}",
+            "INVALID_PARAMETER_VALUE",
         )
     present = [k for k in FORMAT_KEYS if k in document]
     if len(present) > 1:
-        raise ProtocolError(
-            400, "BAD_REQUEST", _required_format(f"received several: {', '.join(present)}")
-        )
+        raise ProtocolError(_required_format(f"received several: {', '.join(present)}"))
     fast = _numeric_matrix(document, model)
     if fast is not None:
         matrix, columns = fast
@@ -388,56 +290,6 @@ def numeric_layout(model: Any) -> tuple[Any, list[str]] | None:
     return layout
 
 
-def predict(
-    model: Any, data: Any, params: dict[str, Any] | None, *, conformant: bool = False
-) -> Any:
-    """``model.predict`` with MLflow's error semantics (bad input -> 400).
-
-    A ``conformant`` frame for a scikit-learn model without params goes straight to the
-    model's predict function: MLflow's schema enforcement would return the same frame, and it
-    costs a third of the request (DESIGN.md: ~0.4 ms of ~1.1 ms).
-
-    Raises:
-        ProtocolError: the model refused the input (schema) or raised.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        direct = _direct_predict(model) if conformant and not params else None
-        if direct is not None:
-            return direct(data)
-        return model.predict(data, params=params) if params else model.predict(data)
-    except MlflowException as exc:
-        raise ProtocolError(_status(exc), _code(exc), _first_part(exc.message)) from exc
-    except Exception as exc:
-        log.warning("predict raised %s: %s", type(exc).__name__, bound(str(exc), 300))
-        raise ProtocolError(
-            400,
-            "BAD_REQUEST",
-            "Encountered an unexpected error while evaluating the model. Verify that the "
-            f"input is compatible with the model for inference. Error: {type(exc).__name__}: "
-            f"{bound(str(exc), 300)}",
-        ) from exc
-
-
-def _direct_predict(model: Any) -> Any:
-    """The scikit-learn flavor's predict function behind a PyFuncModel, else None."""
-    cached = _DIRECT.get(model, _MISSING)
-    if cached is not _MISSING:
-        return cached
-    fn = None
-    if getattr(model, "loader_module", None) == "mlflow.sklearn":
-        metadata = model.metadata
-        if (
-            not metadata._is_signature_from_type_hint()
-            and not metadata._is_type_hint_from_example()
-        ):
-            fn = getattr(model, "_predict_fn", None)
-    with contextlib.suppress(TypeError):
-        _DIRECT.set(model, fn)
-    return fn
-
-
 def encode(predictions: Any, *, unwrapped: bool = False) -> bytes:
     """``{"predictions": ...}`` as MLflow writes it, but NaN and infinities become null."""
     from mlflow.utils.proto_json_utils import _get_jsonable_obj
@@ -468,7 +320,7 @@ def _utf8(body: bytes) -> str:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(
-            400, "BAD_REQUEST", f"the body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            f"the body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
         ) from None
 
 
@@ -479,17 +331,12 @@ def _required_format(detail: str) -> str:
     )
 
 
-def _code(exc: Any) -> str:
+def error_code_of(exc: Any) -> str:
     code = getattr(exc, "error_code", "BAD_REQUEST")
     return code if code in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE") else "BAD_REQUEST"
 
 
-def _status(exc: Any) -> int:
-    status = exc.get_http_status_code() if hasattr(exc, "get_http_status_code") else 400
-    return status if 400 <= status < 500 else 400
-
-
-def _first_part(message: str) -> str:
+def first_part(message: str) -> str:
     """MLflow appends the offending input and a long protocol note; keep the explanation."""
     for marker in ("\nInput:", ". IMPORTANT: The MLflow Model scoring protocol"):
         message = message.split(marker, 1)[0]

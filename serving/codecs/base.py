@@ -1,0 +1,116 @@
+"""What every codec shares: the decoded request, the codec interface, protocol errors.
+
+A codec turns a wire protocol's bytes into a model input and a model's result into bytes. It
+knows no HTTP: an error is a :class:`ProtocolError` carrying MLflow's error code, and the one
+error map of ``serving.http`` decides the status and the envelope.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+MAX_MESSAGE_CHARS = 1000
+
+
+class ProtocolError(Exception):
+    """A request the protocol refuses (bad input): carries MLflow's error code."""
+
+    def __init__(self, message: str, error_code: str = "BAD_REQUEST") -> None:
+        self.error_code = error_code
+        self.message = bound(message)
+        super().__init__(self.message)
+
+
+class UnsupportedMediaType(ProtocolError):
+    """A Content-Type (or charset) the protocol does not take."""
+
+
+def bound(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Cut a message so an error body never carries a large part of a request."""
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message)} chars)"
+
+
+def mlflow_error_body(error_code: str, message: str) -> bytes:
+    """MLflow's error envelope, ``{"error_code": ..., "message": ...}``."""
+    return orjson.dumps({"error_code": error_code, "message": bound(message)})
+
+
+def oip_error_body(message: str) -> bytes:
+    """The Open Inference Protocol's error envelope, ``{"error": ...}``."""
+    return orjson.dumps({"error": bound(message)})
+
+
+class ModelMemo:
+    """Facts about a loaded model, kept as long as the model lives.
+
+    (PyFuncModel is unhashable, so a WeakKeyDictionary cannot hold it: key by identity and let a
+    weak reference's callback drop the entry.)
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[int, tuple[weakref.ref[Any], Any]] = {}
+
+    def get(self, model: Any, default: Any = None) -> Any:
+        entry = self._data.get(id(model))
+        return entry[1] if entry is not None and entry[0]() is model else default
+
+    def set(self, model: Any, value: Any) -> None:
+        key = id(model)
+        self._data[key] = (weakref.ref(model, lambda _: self._data.pop(key, None)), value)
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A request ready for ``model.predict``.
+
+    ``unwrapped``: MLflow's unified LLM input, whose answer is not wrapped in
+    ``{"predictions": ...}``. ``conformant``: built by the fast path, so it already has exactly
+    the signature's columns, order and dtype (MLflow's schema enforcement would change nothing);
+    its rows are kept as one 2-D ``matrix`` (``columns`` name them) and the DataFrame is built
+    only when this request is predicted on its own: a batch stacks the matrices and builds one.
+    """
+
+    data: Any = None
+    params: dict[str, Any] | None = None
+    unwrapped: bool = False
+    conformant: bool = False
+    matrix: Any = None
+    columns: list[str] | None = None
+
+    def model_input(self) -> Any:
+        """What ``predict`` takes: the decoded input (a conformant request's DataFrame)."""
+        if self.data is None and self.matrix is not None:
+            self.data = conformant_frame(self.matrix, self.columns)
+        return self.data
+
+    @property
+    def rows(self) -> int:
+        """Rows of a tabular request (0 when it is not a table)."""
+        if self.matrix is not None:
+            return len(self.matrix)
+        return len(self.data) if hasattr(self.data, "columns") else 0
+
+
+def conformant_frame(matrix: Any, columns: list[str] | None) -> Any:
+    """The DataFrame MLflow's parser builds for these rows: RangeIndex, one dtype."""
+    import pandas as pd
+
+    return pd.DataFrame(matrix, columns=columns, copy=False)
+
+
+class Codec:
+    """How one wire protocol turns bytes into a model input and a result into bytes.
+
+    The predict worker calls both on its thread; a codec holds per-request settings only.
+    ``handle`` is the :class:`~loader.manager.ModelHandle` answering.
+    """
+
+    def decode(self, body: bytes, model: Any) -> Decoded:
+        raise NotImplementedError
+
+    def encode(self, result: Any, request: Decoded, handle: Any) -> bytes:
+        raise NotImplementedError

@@ -1,0 +1,132 @@
+"""The one place that maps errors to HTTP statuses, and the two envelopes they are sent in.
+
+Every route family speaks one error style: MLflow's ``{"error_code", "message"}`` everywhere
+but under ``/v2``, where the Open Inference Protocol's ``{"error": "..."}`` is used. A handler
+may raise anything; :func:`error_response` turns it into the same status and message in either
+style. ``WWW-Authenticate`` and ``Allow`` headers of aiohttp's exceptions are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from enum import Enum
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from loader.errors import ConfigError, InvalidModelURI, LoaderError, ModelNotFound, ModelNotReady
+from serving.codecs.base import (
+    ProtocolError,
+    UnsupportedMediaType,
+    mlflow_error_body,
+    oip_error_body,
+)
+from serving.runtime.dataplane import RouteNotFound
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "RESOURCE_DOES_NOT_EXIST",
+    405: "BAD_REQUEST",
+    413: "REQUEST_LIMIT_EXCEEDED",
+    415: "BAD_REQUEST",
+    503: "TEMPORARILY_UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+_KEPT_HEADERS = ("WWW-Authenticate", "Allow")
+
+
+class Style(Enum):
+    MLFLOW = "mlflow"
+    OIP = "oip"
+
+
+def classify(request: web.Request, exc: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, MLflow error code, message) for ``exc``, the one error map."""
+    if isinstance(exc, UnsupportedMediaType):
+        return 415, exc.error_code, exc.message
+    if isinstance(exc, ProtocolError):
+        return 400, exc.error_code, exc.message
+    if isinstance(exc, RouteNotFound):
+        return 404, _CODES[404], exc.message
+    if isinstance(exc, ModelNotReady):
+        return 503, _CODES[503], str(exc)
+    if isinstance(exc, ModelNotFound):
+        return 404, _CODES[404], str(exc)
+    if isinstance(exc, ConfigError | InvalidModelURI):
+        return 400, "INVALID_PARAMETER_VALUE", str(exc)
+    if isinstance(exc, LoaderError):
+        log.error("request failed: %s", exc)
+        return 500, "INTERNAL_ERROR", str(exc)
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = getattr(request, "_client_max_size", "?")
+        return (
+            413,
+            _CODES[413],
+            f"request body too large: the limit is {limit} bytes (server.max_body_bytes)",
+        )
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        text = exc.text or ""
+        reason = text if text and not text.startswith(str(exc.status)) else exc.reason
+        return (
+            exc.status,
+            _CODES.get(exc.status, "INTERNAL_ERROR"),
+            f"{reason}: {request.method} {request.path[:200]}",
+        )
+    if isinstance(exc, TimeoutError):
+        return 504, _CODES[504], "Request processing time exceeded limit (server.request_timeout_s)"
+    log.error("unhandled error on %s %s", request.method, request.path[:200], exc_info=exc)
+    return 500, "INTERNAL_ERROR", "internal server error (logged on the server)"
+
+
+def error_response(request: web.Request, exc: BaseException, style: Style) -> web.Response:
+    """The response for ``exc`` in ``style``'s envelope."""
+    status, code, message = classify(request, exc)
+    body = oip_error_body(message) if style is Style.OIP else mlflow_error_body(code, message)
+    response = web.Response(status=status, body=body, content_type=JSON)
+    if isinstance(exc, web.HTTPException):
+        for name in _KEPT_HEADERS:
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+    return response
+
+
+def envelope(status: int, message: str, error_code: str | None = None) -> web.Response:
+    """An MLflow-style error response a handler returns itself (not an exception)."""
+    code = error_code or _CODES.get(status, "INTERNAL_ERROR")
+    return web.Response(status=status, body=mlflow_error_body(code, message), content_type=JSON)
+
+
+def error_middleware(style: Style) -> Middleware:
+    """Turn whatever a handler raises into ``style``'s error response (redirects pass)."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:
+            raise
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(request, exc, style)
+        except Exception as exc:
+            return error_response(request, exc, style)
+
+    return errors
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS),
+        content_type=JSON,
+    )

@@ -1,0 +1,17 @@
+"""Typed keys: what the app holds (the daemon) and what a request carries (what it is served)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from serving.runtime.dataplane import Served
+from serving.runtime.lifecycle import Daemon
+
+#: The running server's state; sub-apps read it through ``request.config_dict``.
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", Daemon)
+#: The route and handle a prediction request is answered by, set once by its handler.
+SERVED: web.RequestKey[Served] = web.RequestKey("served", Served)
+
+
+def daemon_of(request: web.Request) -> Daemon:
+    return request.config_dict[DAEMON]

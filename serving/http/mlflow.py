@@ -1,0 +1,77 @@
+"""MLflow's scoring routes (``/ping``, ``/health``, ``/version``, ``/invocations``) and the
+multi-model routes (``/models``, ``/models/{name}``, ``/models/{name}/invocations``)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from loader.errors import ModelNotReady
+from serving.codecs.mlflow import JSON, MlflowCodec, check_content_type
+from serving.http.errors import Style, json_response
+from serving.http.keys import daemon_of
+from serving.http.predict import answer, prediction, serve_request
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/ping", health)
+    app.router.add_get("/health", health)
+    app.router.add_get("/version", version)
+    app.router.add_post("/invocations", invocations)
+    app.router.add_get("/models", list_models)
+    app.router.add_get("/models/{name}", get_model)
+    app.router.add_post("/models/{name}/invocations", model_invocations)
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when every configured model is loaded, else 503 saying which are not."""
+    daemon = daemon_of(request)
+    if daemon.start_error:
+        return json_response({"status": "failed", "error": daemon.start_error}, 503)
+    if daemon.manager is None:
+        names = [m.name for m in daemon.config.models]
+        return json_response({"status": "starting", "not_ready": names}, 503)
+    status = daemon.manager.status()
+    not_ready = {m.name: m.waiting_for for m in status.models if not m.ready}
+    if not_ready:
+        return json_response({"status": "not ready", "not_ready": not_ready}, 503)
+    return web.Response(text="\n", content_type=JSON)
+
+
+async def version(request: web.Request) -> web.Response:
+    from mlflow.version import VERSION
+
+    return web.Response(text=VERSION, content_type=JSON)
+
+
+@prediction(Style.MLFLOW)
+async def invocations(request: web.Request) -> web.Response:
+    return await _invoke(request, daemon_of(request).dataplane.default_route())
+
+
+@prediction(Style.MLFLOW)
+async def model_invocations(request: web.Request) -> web.Response:
+    return await _invoke(request, request.match_info["name"])
+
+
+async def _invoke(request: web.Request, name: str) -> web.Response:
+    served = serve_request(request, name)  # one handle for the whole request
+    mime = check_content_type(request.headers.get("Content-Type"))
+    body = await request.read()
+    payload = await daemon_of(request).dataplane.predict(served, body, MlflowCodec(mime))
+    return answer(request, served, payload)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    daemon = daemon_of(request)
+    if daemon.manager is None:
+        return json_response({"models": [], "status": daemon.start_error or "starting"})
+    return json_response(daemon.manager.status().to_dict())
+
+
+async def get_model(request: web.Request) -> web.Response:
+    daemon = daemon_of(request)
+    name = request.match_info["name"]
+    daemon.dataplane.require(name)
+    if daemon.manager is None:
+        raise ModelNotReady(name)
+    return json_response(daemon.manager.status(name).to_dict())

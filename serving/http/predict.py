@@ -1,0 +1,89 @@
+"""What every prediction route shares, whatever its protocol: the prediction token, the request
+metrics, the version headers, and its protocol's error envelope.
+
+A prediction handler is wrapped by :func:`prediction`; it resolves its :class:`Served` once
+with :func:`serve_request` (which stores it in the request), so metrics and headers read what
+answered instead of guessing from paths or response headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from serving.http.auth import require_token
+from serving.http.errors import Style, error_response
+from serving.http.keys import SERVED, daemon_of
+from serving.runtime.dataplane import Served
+
+HEADER_NAME = "X-Model-Name"
+HEADER_VERSION = "X-Model-Version"
+HEADER_ROUTE = "X-Model-Route"
+HEADER_STALE = "X-Model-Stale"
+HEADER_WORKER = "X-Modeld-Worker"
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def prediction(style: Style) -> Callable[[Handler], Handler]:
+    """Wrap a prediction handler: token check, metrics, and errors in ``style``'s envelope."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapped(request: web.Request) -> web.Response:
+            daemon = daemon_of(request)
+            label = request.match_info.get("name") or daemon.config.default_model or "default"
+            track = daemon.metrics.track(label)
+            status, answered = 500, False
+            try:
+                try:
+                    require_token(request, daemon.config.server.token, setting="server.token")
+                    response = await handler(request)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    response = error_response(request, exc, style)
+                status, answered = response.status, True
+                return response
+            finally:
+                # The version label, like the version headers, is on answers only.
+                served = request.get(SERVED)
+                track.done(
+                    status,
+                    route=served.route if served else None,
+                    version=served.version if served and status < 400 else None,
+                    answered=answered,
+                )
+
+        return wrapped
+
+    return wrap
+
+
+def serve_request(request: web.Request, name: str, *, version: str | None = None) -> Served:
+    """Resolve the handle answering ``request`` for route ``name`` (once) and remember it.
+
+    Raises:
+        RouteNotFound, ModelNotReady
+    """
+    served = daemon_of(request).dataplane.serving(name, version=version)
+    request[SERVED] = served
+    return served
+
+
+def answer(request: web.Request, served: Served, body: bytes) -> web.Response:
+    """A prediction's response, with the headers saying which version answered."""
+    response = web.Response(body=body, content_type="application/json")
+    headers = response.headers
+    headers[HEADER_ROUTE] = served.route
+    headers[HEADER_NAME] = served.handle.version.name
+    headers[HEADER_VERSION] = str(served.version)
+    if served.stale:
+        headers[HEADER_STALE] = "true"
+    if daemon_of(request).config.server.workers > 1:
+        headers[HEADER_WORKER] = str(os.getpid())
+    return response

@@ -1,0 +1,150 @@
+"""The data plane: route -> handle -> batch -> predict, for any transport.
+
+A transport (``serving.http`` today, gRPC beside it) asks :meth:`DataPlane.serving` for the
+route a request names and gets a :class:`Served`: the one handle that answers the whole
+request, whatever swaps meanwhile. It then hands the body and a codec to
+:meth:`DataPlane.predict`, which queues it on the route's :class:`RouteWorker` and waits at
+most ``server.request_timeout_s``. Nothing here knows aiohttp, or whether the model runs in
+this process or another: that is behind the handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loader.errors import ModelNotReady
+from loader.manager import ModelHandle, ModelManager
+from serving.codecs.base import Codec
+from serving.config import Config
+from serving.runtime.batching import RouteWorker
+
+log = logging.getLogger(__name__)
+
+
+class RouteNotFound(Exception):
+    """A request names no served route (or a version the route does not serve)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """Request-scoped: the route a request is for and the handle that answers all of it."""
+
+    route: str
+    handle: ModelHandle
+
+    @property
+    def version(self) -> int:
+        return self.handle.version.version
+
+    @property
+    def stale(self) -> bool:
+        return self.handle.stale
+
+
+class DataPlane:
+    """Routes requests to the version each route serves now, through its predict worker.
+
+    ``config`` is replaced by the lifecycle on a config reload and ``manager`` set once the
+    pipeline exists; ``on_batch(route, n)`` observes each predict call's batch size.
+    """
+
+    def __init__(self, config: Config, *, on_batch: Callable[[str, int], None] | None = None):
+        self.config = config
+        self.manager: ModelManager | None = None
+        self.workers: dict[str, RouteWorker] = {}
+        self._on_batch = on_batch
+
+    # -- which route, which handle ------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """The routes served (configured ones until the pipeline exists)."""
+        if self.manager is not None:
+            return self.manager.names()
+        return [m.name for m in self.config.models]
+
+    def require(self, name: str) -> None:
+        """Raises :class:`RouteNotFound` naming the served routes unless ``name`` is one."""
+        names = self.names()
+        if name not in names:
+            served = ", ".join(names) or "none"
+            raise RouteNotFound(f"no model named {name[:100]!r}; served models: {served}")
+
+    def default_route(self) -> str:
+        """The route ``POST /invocations`` answers: the only one, or the one marked default.
+
+        Raises:
+            RouteNotFound: several routes and none marked default.
+        """
+        name = self.config.default_model
+        if name is None:
+            served = ", ".join(m.name for m in self.config.models) or "none"
+            raise RouteNotFound(
+                f"no default model: POST /models/{{name}}/invocations (served: {served}) or "
+                "mark one [[models]] entry default = true"
+            )
+        return name
+
+    def serving(self, name: str, *, version: str | None = None) -> Served:
+        """The handle answering for ``name`` now, resolved once for the whole request.
+
+        Raises:
+            RouteNotFound: no such route, or it serves another ``version`` than asked.
+            ModelNotReady: the route has no version loaded yet.
+        """
+        self.require(name)
+        if self.manager is None:
+            raise ModelNotReady(name)
+        handle = self.manager.get(name)
+        if version is not None and version != str(handle.version.version):
+            raise RouteNotFound(
+                f"{name} serves version {handle.version.version}, not {version[:20]!r}"
+            )
+        return Served(name, handle)
+
+    # -- predicting ---------------------------------------------------------------------------
+
+    async def predict(self, served: Served, body: bytes, codec: Codec) -> bytes:
+        """Decode, predict (batched with other requests) and encode on the route's worker.
+
+        Raises:
+            ProtocolError: bad input; TimeoutError: ``server.request_timeout_s`` passed.
+        """
+        work = self.worker(served.route).submit(served.handle, body, codec)
+        return await asyncio.wait_for(work, self.config.server.request_timeout_s)
+
+    def worker(self, route: str) -> RouteWorker:
+        """The predict worker of ``route`` (created on first use, on the loop thread)."""
+        worker = self.workers.get(route)
+        if worker is None:
+            server = self.config.server
+            worker = RouteWorker(
+                route,
+                max_batch_size=server.max_batch_size,
+                max_batch_delay_s=server.max_batch_delay_ms / 1000,
+                threads=self.config.predict_threads(route),
+                on_batch=self._on_batch,
+            )
+            self.workers[route] = worker
+        return worker
+
+    async def retire_workers(self) -> None:
+        """Drain and stop the workers whose route is gone or whose thread count changed; the
+        next request to such a route starts a new one."""
+        names = {m.name for m in self.config.models}
+        for name, worker in list(self.workers.items()):
+            if name not in names or worker.threads != self.config.predict_threads(name):
+                del self.workers[name]
+                await asyncio.to_thread(worker.close)
+
+    def close(self) -> None:
+        """Finish queued requests and stop every worker (blocking: run it off the loop)."""
+        workers, self.workers = list(self.workers.values()), {}
+        for worker in workers:
+            worker.close()

@@ -1,0 +1,157 @@
+"""The lifecycle of one running server: start, follow, apply an edited config, stop.
+
+One :class:`Daemon` per app (no globals) holds the bounded *load* executor (MLflow calls,
+downloads, ``load_model``), the :class:`~serving.runtime.dataplane.DataPlane` (one predict
+worker per route), the :class:`~loader.manager.ModelManager` and the
+:class:`~serving.runtime.follower.Follower`. No aiohttp here: a transport starts and stops it
+(``serving.http``'s cleanup context) and every blocking call runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from loader.api import make_source
+from loader.manager import ModelManager
+from serving.config import (
+    Config,
+    ConfigProblems,
+    bound_mlflow_http_retries,
+    load_config,
+    restart_needed,
+)
+from serving.runtime.batching import RouteWorker
+from serving.runtime.dataplane import DataPlane
+from serving.runtime.follower import Follower
+from serving.runtime.metrics import Metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Daemon:
+    """The state of one running server.
+
+    ``reload`` re-reads the configuration when its file changes (default: the file alone).
+    """
+
+    def __init__(self, config: Config, *, reload: Callable[[], Config] | None = None) -> None:
+        self.config = config
+        self._reload = reload or (lambda: load_config(config.path) if config.path else config)
+        self.follower: Follower | None = None
+        self.manager: ModelManager | None = None
+        self.metrics = Metrics(lambda: self.manager)
+        self.dataplane = DataPlane(config, on_batch=self.metrics.batch)
+        self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="modeld-load")
+        self.start_error: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def workers(self) -> dict[str, RouteWorker]:
+        """The routes' predict workers (the data plane's)."""
+        return self.dataplane.workers
+
+    async def in_load_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.load_pool, fn, *args)
+
+    async def start(self) -> None:
+        """Build the pipeline and load every model, off the event loop, then follow.
+
+        The cyclic collector is off until then: starting is mostly importing (MLflow, the
+        model's flavor) and loading, which allocate a great many objects that all live on, so
+        collections would only re-scan them (about a tenth of the start). Then everything is
+        frozen out of the collector's reach, so a full collection never pauses requests for
+        ~0.2 s, and no collection runs first: the start leaves ~2,000 unreachable objects (a
+        few hundred KB), cheaper kept than a 0.2 s pause just as the server turns ready.
+        """
+        gc.disable()
+        try:
+            try:
+                manager = await self.in_load_pool(self._build_manager)
+            except Exception as exc:  # the server keeps answering probes with the reason
+                self.start_error = f"{type(exc).__name__}: {exc}"
+                log.exception("modeld could not start its model pipeline")
+                return
+            self.manager = self.dataplane.manager = manager
+            await self.refresh()
+        finally:
+            gc.freeze()
+            gc.enable()
+        self.follower = Follower(
+            manager,
+            lambda: self.config,
+            on_config_change=lambda: self.spawn(self.reload_config()),
+            on_model_change=lambda name: self.spawn(self.refresh([name])),
+        )
+        self.follower.start()
+
+    def _build_manager(self) -> ModelManager:
+        bound_mlflow_http_retries()
+        source = make_source(self.config.source_options())
+        source.cache.observer = self.metrics.cache_event
+        manager = ModelManager(
+            source, observer=self.metrics.observe, load_timeout_s=self.config.server.load_timeout_s
+        )
+        manager.set_routes(self.config.route_specs())
+        return manager
+
+    async def reload_config(self) -> None:
+        """Apply an edited config file: add, remove or change models without a restart.
+
+        An invalid edit is logged and ignored; the old configuration keeps serving.
+        """
+        try:
+            new = await self.in_load_pool(self._reload)
+            changed = []
+            if self.manager is not None:
+                changed = await self.in_load_pool(self.manager.set_routes, new.route_specs())
+        except ConfigProblems as exc:
+            log.error("config reload ignored, still serving the previous config: %s", exc)
+            return
+        except Exception:
+            log.exception("config reload ignored, still serving the previous config")
+            return
+        old, self.config = self.config, new
+        for section in restart_needed(old, new):
+            log.warning("config: [%s] changed; it takes effect after a restart", section)
+        if old.registry.poll_interval_s != new.registry.poll_interval_s:
+            log.info("config: poll interval now %ss", new.registry.poll_interval_s)
+        self.dataplane.config = new
+        await self.dataplane.retire_workers()
+        if self.follower is not None:
+            self.follower.sync_model_watches()
+        if changed:
+            await self.refresh(changed)
+
+    async def refresh(self, names: Iterable[str] | None = None, *, force: bool = False) -> None:
+        """Re-resolve ``names`` (default: every route) now, in the load executor."""
+        manager = self.manager
+        if manager is not None:
+            await self.in_load_pool(lambda: manager.refresh(names, force=force))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def stop(self) -> None:
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.stop)  # joins the poll and watchdog threads
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.manager is not None:
+            await self.in_load_pool(self.manager.close)
+        log.info(
+            "stopping after answering %d of the %d prediction requests read",
+            self.metrics.answered,
+            self.metrics.seen,
+        )
+        await self.in_load_pool(self.dataplane.close)
+        self.load_pool.shutdown(wait=True, cancel_futures=True)
