@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from serving.config import bound_mlflow_http_retries
-from tests.helpers import MlflowServer, pins, register, save_iris_model, set_status
+from tests.helpers import (
+    MlflowServer,
+    pins,
+    register,
+    save_iris_model,
+    set_status,
+    threads_left_running,
+)
 
 # What the daemon does at start (the library never touches the environment): a registry outage
 # must cost seconds, not MLflow's minutes of retries, in the library tests too.
@@ -85,22 +92,10 @@ def cache_dir(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def no_thread_leaks():
-    """Fail a test that leaves threads running: every thread modeld starts (all are named
-    ``modeld-*``, daemon threads included) and any other non-daemon thread. A load that hangs
-    in a model's own code cannot be killed: modeld renames its thread ``modeld-abandoned-*``
-    when it gives up on it (a documented gap), and only those are let go."""
+    """Fail a test that leaves threads running (see helpers.threads_left_running)."""
     before = {t.ident for t in threading.enumerate()}
     yield
-    leaked = [
-        t
-        for t in threading.enumerate()
-        if t.ident not in before
-        and t.is_alive()
-        and (t.name.startswith("modeld") or not t.daemon)
-        and not t.name.startswith("modeld-abandoned-")
-        # MLflow keeps process-wide artifact download pools (created once, reused).
-        and not t.name.startswith(("asyncio_", "ThreadPoolExecutor", "Mlflow"))
-    ]
+    leaked = threads_left_running(before)
     for t in leaked:
         t.join(timeout=5)
     leaked = [t for t in leaked if t.is_alive()]

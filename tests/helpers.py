@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -263,3 +264,20 @@ async def served(client: Any, route: str) -> Any:
     """The version route ``route`` serves now, per GET /models/{route}."""
     resp = await client.get(f"/models/{route}")
     return (await resp.json())["version"]
+
+
+def threads_left_running(before: set[int | None]) -> list[threading.Thread]:
+    """Threads started since ``before`` (their idents) and still alive that a test must not
+    leave: every thread modeld starts (all are named ``modeld-*``, daemon threads included) and
+    any other non-daemon thread. A load that hangs in a model's own code cannot be killed:
+    modeld renames its thread ``modeld-abandoned-*`` when it gives up on it (a documented gap),
+    and only those are let go. MLflow's process-wide artifact download pools are reused."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t.ident not in before
+        and t.is_alive()
+        and (t.name.startswith("modeld") or not t.daemon)
+        and not t.name.startswith("modeld-abandoned-")
+        and not t.name.startswith(("asyncio_", "ThreadPoolExecutor", "Mlflow"))
+    ]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import loader
-from tests.helpers import IRIS_COLUMNS, iris_frame, make_config, start
+from tests.helpers import IRIS_COLUMNS, iris_frame, make_config, split_payload, start
 
 
 @pytest.fixture
@@ -172,3 +172,63 @@ def test_conformant_tensors_equal_mlflows_enforced_frame(registry, layout):
     assert codec.encode(model.predict(frame), ours, handle) == codec.encode(
         model.predict(theirs), ours, handle
     )
+
+
+async def test_every_v2_failure_has_the_oip_body(aiohttp_client, registry, cache_dir):
+    """Whatever fails under /v2 (no route, wrong method, a token, a body too large, a model
+    not loaded), the body is {"error": ...}, never MLflow's envelope; and the rest of the
+    server keeps MLflow's."""
+    config = make_config(
+        registry,
+        cache_dir,
+        "models:/iris/Production",
+        "nothing=models:/iris@nobody",
+        server__token="t0k",
+        server__max_body_bytes=1024,
+    )
+    from serving.app import create_app
+
+    client = await aiohttp_client(create_app(config))
+    auth = {"Authorization": "Bearer t0k"}
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
+    for _ in range(600):  # iris loads; "nothing" never will
+        if (await client.get("/models/iris")).status == 200 and (
+            await (await client.get("/models/iris")).json()
+        )["version"]:
+            break
+        await asyncio.sleep(0.05)
+    cases = [
+        (client.post("/v2/models/iris/infer", json={"inputs": [x]}), 401),
+        (client.post("/v2/models/iris/infer", data=b"x" * 4096, headers=auth), 413),
+        (client.get("/v2/models/iris/infer"), 405),
+        (client.get("/v2/no/such/path"), 404),
+        (client.get("/v2/models/nothing"), 503),
+        (client.post("/v2/models/nothing/infer", json={"inputs": [x]}, headers=auth), 503),
+        (client.post("/v2/models/iris/infer", data=b"{", headers=auth), 400),
+    ]
+    for request, status in cases:
+        resp = await request
+        assert resp.status == status, (status, await resp.text())
+        assert set(await resp.json()) == {"error"}, await resp.text()
+    mlflow_style = await client.post("/models/nothing/invocations", json={}, headers=auth)
+    assert mlflow_style.status == 503 and set(await mlflow_style.json()) == {
+        "error_code",
+        "message",
+    }
+
+
+async def test_v2_answers_carry_the_same_version_headers(server):
+    from dataclasses import replace
+
+    from serving.app import DAEMON
+
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
+    route = server.server.app[DAEMON].manager.route("iris")
+    route.handle = replace(route.handle, stale=True)  # as after a start with the registry down
+    for path in ("/v2/models/iris/infer", "/models/iris/invocations"):
+        body = {"inputs": [x]} if path.startswith("/v2") else split_payload(iris_frame(1))
+        resp = await server.post(path, json=body)
+        assert resp.status == 200, await resp.text()
+        headers = resp.headers
+        assert (headers["X-Model-Route"], headers["X-Model-Name"]) == ("iris", "iris"), path
+        assert headers["X-Model-Version"] == "2" and headers["X-Model-Stale"] == "true", path

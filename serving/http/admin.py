@@ -128,8 +128,9 @@ async def unpin(request: web.Request) -> web.Response:
     manager = _manager(request)
     manager.unpin(name)
     await daemon.refresh([name])
-    log.info("%s unpinned: following %s again", name, manager.route(name).ref)
-    return json_response(manager.status(name).to_dict())
+    status = manager.status(name)
+    log.info("%s unpinned: following %s again", name, status.ref)
+    return json_response(status.to_dict())
 
 
 async def webhook(request: web.Request) -> web.Response:
