@@ -414,6 +414,7 @@ class ModelManager:
             ConfigError: ``version`` is not a version number, or the route is a local model.
             ModelNotReady: unknown route.
             ModelNotFound: (``verify``) the registry has no such version.
+            RegistryUnavailable: (``verify``) the registry could not be asked; nothing changed.
         """
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ConfigError("version", version, "a model version number >= 1")
@@ -427,13 +428,14 @@ class ModelManager:
             if verify:
                 self.refresh([name], force=True)
                 if route.resolved is None or route.resolved.version != version:
-                    problem = route.problem or f"version {version} could not be resolved"
+                    error = route.last_error
                     route.pinned = previous
                     self.refresh([name])
+                    if isinstance(error, LoaderError) and not isinstance(error, ModelNotFound):
+                        raise error  # the registry could not say (an outage): nothing pinned
+                    keeps = f"pinned at {previous}" if previous else f"following {route.ref.uri}"
                     raise ModelNotFound(
-                        route.ref.name or name,
-                        f"version {version}",
-                        detail=f"cannot pin {name}: {problem}",
+                        route.ref.name or name, f"version {version}", detail=f"{name} stays {keeps}"
                     )
                 log.info("%s pinned at version %s", name, version)
             return self.status(name)

@@ -75,6 +75,7 @@ async def post_all(client, route, bodies):
     return [await first, *rest]
 
 
+@pytest.mark.slow
 async def test_concurrent_requests_are_batched_and_get_their_own_rows(echo):
     bodies = [body([float(i)] * (i % 3 + 1)) for i in range(1, 11)]
     answers = await post_all(echo, "echo", bodies)
@@ -108,6 +109,7 @@ async def test_different_params_are_not_mixed(echo):
     assert [a[1] for a in answers] == [[1.0], [10.0], [20.0], [2.0]]
 
 
+@pytest.mark.slow
 async def test_output_not_row_aligned_falls_back_to_one_call_per_request(echo, caplog):
     bodies = [body([1.0, 2.0]), body([3.0]), body([4.0, 5.0])]
     answers = await post_all(echo, "lump", bodies)
@@ -118,6 +120,7 @@ async def test_output_not_row_aligned_falls_back_to_one_call_per_request(echo, c
     assert caplog.text.count("not row-aligned") == 1
 
 
+@pytest.mark.slow
 async def test_closed_loop_clients_land_in_one_batch(echo, monkeypatch):
     """Clients answered by one batch come back at different times (here spread over 50 ms):
     the worker waits for as many as the last batch held (within half a predict, its cap
@@ -158,6 +161,7 @@ async def test_a_lone_request_is_not_held_for_company(echo):
     assert time.perf_counter() - t0 < 3 * 0.2 + 0.15
 
 
+@pytest.mark.slow
 async def test_batched_answers_equal_unbatched_predict(
     aiohttp_client, registry, cache_dir, tmp_path
 ):

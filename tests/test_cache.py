@@ -62,6 +62,7 @@ def spawn(registry, cache_dir, marker, mode, uri="models:/iris/2"):
     )
 
 
+@pytest.mark.slow
 def test_two_processes_download_once(registry, cache_dir, tmp_path):
     marker = tmp_path / "downloads"
     procs = [spawn(registry, cache_dir, marker, "sleep") for _ in range(2)]
@@ -71,6 +72,7 @@ def test_two_processes_download_once(registry, cache_dir, tmp_path):
     assert outs[0][0].strip() == outs[1][0].strip()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_download_leaves_no_entry(registry, cache_dir, tmp_path, source):
     marker = tmp_path / "downloads"
     proc = spawn(registry, cache_dir, marker, "hang")

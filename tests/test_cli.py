@@ -43,6 +43,7 @@ def slow_model(tmp_path):
     return save_slow_model(tmp_path / "slow", answer=7)
 
 
+@pytest.mark.slow
 def test_serve_subprocess_answers_and_drains_on_sigterm(registry, tmp_path, slow_model):
     port = free_port()
     proc = modeld(

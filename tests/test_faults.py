@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import mlflow.pyfunc
+import pytest
 
 from loader import ModelCache, ModelManager, make_source
 from tests.helpers import (
@@ -35,6 +36,7 @@ def save_hanging_model(path):
     return path
 
 
+@pytest.mark.slow
 def test_a_load_that_hangs_is_rejected_and_following_goes_on(registry, cache_dir, tmp_path):
     c = registry.client()
     name = "hangy"
@@ -120,6 +122,7 @@ async def test_artifacts_that_vanish_after_registration(
     assert not (cache_dir / "models" / name / "2").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_while_fetching_leaves_no_entry_and_recovers(registry, cache_dir, tmp_path):
     """A file-size limit on the fetching process (the classic stand-in for a full disk): the
     model carries a 4 MB file, the limit is 1 MB."""
@@ -161,6 +164,7 @@ def test_disk_full_while_fetching_leaves_no_entry_and_recovers(registry, cache_d
     assert prepared.downloaded and (prepared.path / "blob.bin").stat().st_size == 4_000_000
 
 
+@pytest.mark.slow
 def test_sigkill_mid_load_then_restart_serves_the_right_version(registry, tmp_path):
     import json
     import os

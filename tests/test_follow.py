@@ -27,6 +27,7 @@ def run(fn, *args, **kwargs):
     return asyncio.to_thread(fn, *args, **kwargs)
 
 
+@pytest.mark.slow
 async def test_registry_changes_under_load_drop_nothing(aiohttp_client, registry, cache_dir):
     client_reg = registry.client()
     models = registry.models
@@ -149,6 +150,7 @@ def broken_models(registry, tmp_path_factory):
     return {"no-weights": no_weights, "refuses": refuses, "bad-deps": registry.models["bad-deps"]}
 
 
+@pytest.mark.slow
 async def test_failing_versions_are_never_served(
     aiohttp_client, registry, cache_dir, broken_models, caplog
 ):
@@ -189,6 +191,7 @@ async def test_failing_versions_are_never_served(
     assert health.status == 200  # serving the last good version
 
 
+@pytest.mark.slow
 async def test_pin_unpin_and_admin_auth(aiohttp_client, registry, cache_dir):
     c = registry.client()
     name = "pinny"
@@ -286,6 +289,7 @@ async def test_webhook_signature_replay_and_age(aiohttp_client, registry, cache_
     assert replay.status == 409
 
 
+@pytest.mark.slow
 async def test_config_file_hot_reload(aiohttp_client, registry, cache_dir, tmp_path, caplog):
     from serving.app import create_app
     from serving.config import load_config
@@ -364,6 +368,7 @@ async def test_local_model_directory_reload(aiohttp_client, registry, cache_dir,
     assert client.server.app[DAEMON].manager.route("loc").swaps == 2
 
 
+@pytest.mark.slow
 async def test_tag_edits_show_without_reload_and_retry_a_rejected_version(
     aiohttp_client, registry, cache_dir, broken_models
 ):

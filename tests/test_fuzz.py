@@ -113,6 +113,7 @@ def server(registry, tmp_path_factory):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_never_get_a_5xx(server):
     port, proc = server
     conn = [http.client.HTTPConnection("127.0.0.1", port, timeout=30)]

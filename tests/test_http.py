@@ -222,6 +222,7 @@ async def test_bad_inputs_get_4xx_json_and_server_keeps_serving(
     assert len(BAD_INPUTS) >= 30
 
 
+@pytest.mark.slow
 async def test_request_timeout_is_504(aiohttp_client, registry, cache_dir, tmp_path):
     path = save_slow_model(tmp_path / "slow", answer=1)
     config = make_config(registry, cache_dir, f"slow={path}", server__request_timeout_s=0.5)
@@ -234,6 +235,7 @@ async def test_request_timeout_is_504(aiohttp_client, registry, cache_dir, tmp_p
     assert ok.status == 200
 
 
+@pytest.mark.slow
 async def test_predict_threads_run_a_model_that_waits_concurrently(
     aiohttp_client, registry, cache_dir, tmp_path
 ):

@@ -177,6 +177,7 @@ def test_loader_leaves_the_environment_alone():
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_scipy_special_is_imported_ahead_of_mlflow(tmp_path):
     """skops scans sys.modules in import order for each ufunc: scipy.special must come before
     MLflow's modules (loader.pyfunc.import_ahead_of_mlflow), else a first skops load pays

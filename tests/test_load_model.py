@@ -81,6 +81,7 @@ def test_warn_loads_and_reports(registry, cache_dir):
     assert ignored.modeld.dependency_report.ok
 
 
+@pytest.mark.slow
 def test_offline_start_serves_cached_version_marked_stale(registry, tmp_path, cache_dir):
     server = MlflowServer(registry.db, tmp_path / "art", tmp_path / "server.log")
     number = register(registry.client(), "offline", registry.models["const2"], stage="Production")

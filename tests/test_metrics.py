@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlflow.pyfunc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.app import DAEMON, create_app
@@ -102,6 +103,7 @@ class SlowLoad(mlflow.pyfunc.PythonModel):
         return [0] * len(model_input)
 
 
+@pytest.mark.slow
 async def test_metrics_and_status_answer_while_a_model_loads(
     aiohttp_client, registry, cache_dir, tmp_path
 ):

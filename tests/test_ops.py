@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from loader.cache import SNAPSHOT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +27,7 @@ def modeld(registry, cache_dir, *args, env=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_pull_resolve_check_and_cache(registry, cache_dir):
     code, out, err = modeld(
         registry, cache_dir, "pull", "models:/iris/Production", "models:/iris@champion"
@@ -77,6 +80,7 @@ def test_pull_resolve_check_and_cache(registry, cache_dir):
     assert [e["version"]["version"] for e in json.loads(out)] == [2]
 
 
+@pytest.mark.slow
 def test_one_pull_keeps_every_version_it_fetches(registry, cache_dir):
     """An init container pulling more versions of one model than cache.keep_versions (here
     three refs, limit 2) must leave all of them; the limit applies again afterwards."""
@@ -90,6 +94,7 @@ def test_one_pull_keeps_every_version_it_fetches(registry, cache_dir):
     assert code == 0 and "1 evicted" in out
 
 
+@pytest.mark.slow
 def test_pull_honours_cache_verify(registry, cache_dir):
     """`modeld pull` builds its pipeline from the same settings as the daemon: with
     cache.verify = "full" a same-size corruption of a cached version is caught and fetched
@@ -104,6 +109,7 @@ def test_pull_honours_cache_verify(registry, cache_dir):
     assert code == 0 and "iris@2 downloaded" in out, out + err
 
 
+@pytest.mark.slow
 def test_pull_progress_line_for_a_large_download(tmp_path, capsys):
     """The progress line reads the download landing in the cache's tmp/ (total from the MLmodel
     in it), and the download being renamed into place under it raises nothing."""

@@ -7,6 +7,8 @@ import gc
 import threading
 import time
 
+import pytest
+
 from serving.app import DAEMON
 from tests.helpers import (
     POLL_S,
@@ -21,6 +23,7 @@ from tests.helpers import (
 )
 
 
+@pytest.mark.slow
 async def test_outage_keeps_serving_then_catches_up_and_restarts_offline(
     aiohttp_client, registry, cache_dir, tmp_path
 ):
@@ -74,6 +77,7 @@ async def test_outage_keeps_serving_then_catches_up_and_restarts_offline(
     assert status["stale"] is True and status["state"] == "loaded"
 
 
+@pytest.mark.slow
 def test_live_model_swaps_in_process(registry, cache_dir):
     import loader
 
@@ -139,6 +143,7 @@ def rss_mb() -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_fifty_swaps_do_not_grow_memory(registry, cache_dir):
     from loader import ModelManager, make_source
 

@@ -93,6 +93,7 @@ def test_unload_first_table(swap, serving, first):
     assert unload_first(swap, serving) is first
 
 
+@pytest.mark.slow
 def test_poller_polls_backs_off_pokes_and_stops():
     """The one poll loop: on schedule, backing off while polls fail, at once when poked, and
     its thread joined on stop."""

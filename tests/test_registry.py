@@ -98,6 +98,7 @@ def test_resolve_many_reports_per_ref(reg):
     assert isinstance(out[refs[1]], ModelNotFound)
 
 
+@pytest.mark.slow
 def test_resolve_many_twenty_models_is_one_http_request(registry, mlflow_server):
     client = registry.client()
     for i in range(20):
@@ -116,6 +117,7 @@ def test_resolve_many_twenty_models_is_one_http_request(registry, mlflow_server)
     assert "registered-models/search" in made[0]
 
 
+@pytest.mark.slow
 def test_unreachable_registry_is_quick_and_typed():
     bound_http_retries()
     dead = Registry(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from tests.helpers import (
     POLL_S,
     iris_frame,
@@ -78,6 +80,7 @@ class TcpProxy:
             self.server.close()
 
 
+@pytest.mark.slow
 async def test_slow_dead_and_flapping_registry(aiohttp_client, registry, mlflow_server, cache_dir):
     c = registry.client()
     name = "flappy"

@@ -78,6 +78,7 @@ def certificate(tmp_path_factory):
     return cert, key
 
 
+@pytest.mark.slow
 def test_tls_and_unix_socket(registry, tmp_path, certificate):
     cert, key = certificate
     port = free_port()
@@ -142,6 +143,7 @@ def test_tls_and_unix_socket(registry, tmp_path, certificate):
             proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_mlflow_credentials_pass_through_and_never_leak(registry, mlflow_server, tmp_path):
     """A registry that demands MLFLOW_TRACKING_TOKEN: modeld passes it through, and neither the
     token nor MLFLOW_TRACKING_PASSWORD appears in logs, status or metrics."""

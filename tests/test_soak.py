@@ -13,6 +13,7 @@ import os
 import time
 
 import aiohttp
+import pytest
 
 from tests.helpers import register, serve_modeld, split_body, wait_http
 
@@ -33,6 +34,7 @@ def process_figures(pid: int) -> tuple[float, int, int]:
     )
 
 
+@pytest.mark.slow
 def test_soak_under_registry_churn(registry, tmp_path):
     c = registry.client()
     name = "soaky"
@@ -101,6 +103,7 @@ async def _soak(url, payload, pid, client, name):
     return counts, samples
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_loses_no_accepted_request(registry, tmp_path):
     """Eight clients hammer the server (a new connection per request); SIGTERM arrives. Every
     request the server read is answered (its own count, logged at shutdown, equals what the

@@ -39,6 +39,7 @@ def browser(tmp_path):
     return webdriver.Chrome(service=Service(DRIVER), options=options)
 
 
+@pytest.mark.slow
 async def test_status_page_renders_models_rejections_cache_and_registry(
     aiohttp_client, registry, cache_dir, tmp_path
 ):

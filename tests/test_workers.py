@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import free_port, iris_frame, save_slow_model, wait_http
@@ -29,6 +30,7 @@ def post(url, body, timeout=30):
         return resp.status, json.loads(resp.read()), dict(resp.headers)
 
 
+@pytest.mark.slow
 def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
     slow = save_slow_model(tmp_path / "slow", answer=7)
     port = free_port()
@@ -151,6 +153,7 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_restart_backoff(tmp_path):
     """A worker dying over and over puts the supervisor in a growing backoff (2 s, 4 s, ...);
     SIGTERM during it must stop everything at once, not when the backoff ends."""

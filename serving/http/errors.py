@@ -17,7 +17,14 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from loader.errors import ConfigError, InvalidModelURI, LoaderError, ModelNotFound, ModelNotReady
+from loader.errors import (
+    ConfigError,
+    InvalidModelURI,
+    LoaderError,
+    ModelNotFound,
+    ModelNotReady,
+    RegistryUnavailable,
+)
 from serving.codecs.base import (
     ProtocolError,
     UnsupportedMediaType,
@@ -57,7 +64,7 @@ def classify(request: web.Request, exc: BaseException) -> tuple[int, str, str]:
         return 400, exc.error_code, exc.message
     if isinstance(exc, RouteNotFound):
         return 404, _CODES[404], exc.message
-    if isinstance(exc, ModelNotReady):
+    if isinstance(exc, ModelNotReady | RegistryUnavailable):
         return 503, _CODES[503], str(exc)
     if isinstance(exc, ModelNotFound):
         return 404, _CODES[404], str(exc)
