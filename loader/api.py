@@ -155,6 +155,8 @@ def load_model(uri: str | os.PathLike[str], **options: Any) -> Any:
             model = _models.setdefault(identity, model)
     model.modeld.stale = resolution.stale
     model.modeld.model_version = resolution.version
+    if not resolution.stale:
+        source.remember(ref, resolution.version)  # what an offline start loads for ``uri``
     return model
 
 

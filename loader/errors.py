@@ -60,10 +60,17 @@ class RegistryError(LoaderError):
 class ModelNotFound(RegistryError):
     """The registry has no such model, version or alias, or nothing READY in that stage."""
 
-    def __init__(self, name: str, what: str, *, detail: str = "") -> None:
-        self.name, self.what = name, what
+    def __init__(
+        self, name: str, what: str, *, detail: str = "", registry: str | None = None
+    ) -> None:
+        self.name, self.what, self.registry = name, what, registry
         tail = f" ({detail})" if detail else ""
-        super().__init__(f"registered model {name!r} has no {what}{tail}")
+        where = f" in registry {registry}" if registry else ""
+        if what == "registered model":
+            message = f"no registered model {name!r}{where}{tail}"
+        else:
+            message = f"registered model {name!r}{where} has no {what}{tail}"
+        super().__init__(message)
 
 
 class RegistryUnavailable(RegistryError):

@@ -12,6 +12,7 @@ Synchronous: the daemon runs :meth:`ModelManager.refresh` in its load executor a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -62,6 +63,11 @@ RETRY_BASE_S = 30.0
 RETRY_MAX_S = 3600.0
 LOAD_TIMEOUT_S = 600.0
 MAX_REJECTIONS_KEPT = 10
+#: Rejections of versions no ref names any more, kept for the status page's history.
+MAX_HISTORY_KEPT = 20
+#: A problem that persists (a ref that resolves to nothing, an outage) is logged when it starts
+#: and then at most this often, not at every poll.
+PROBLEM_REMINDER_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +140,11 @@ class RouteStatus:
     resolved_version: int | None
     pinned: int | None
     problem: str | None
+    problem_kind: str | None
     swaps: int
     last_swap_at: float | None
     rejected: tuple[Rejection, ...]
+    history: tuple[Rejection, ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -171,9 +179,11 @@ class RouteStatus:
             "resolved_version": self.resolved_version,
             "pinned": self.pinned,
             "problem": self.problem,
+            "problem_kind": self.problem_kind,
             "swaps": self.swaps,
             "last_swap_at": self.last_swap_at,
             "rejected": [r.to_dict() for r in self.rejected],
+            "history": [r.to_dict() for r in self.history],
         }
 
 
@@ -228,8 +238,16 @@ class Route:
     resolved: ModelVersion | None = None
     stale: bool = False
     problem: str | None = None
+    #: What kind of problem: ``unreachable`` (the registry could not be asked and the cache has
+    #: no copy), ``not found`` (the registry answered: nothing by that name), ``error``.
+    problem_kind: str | None = None
+    problem_logged: tuple[str, float] | None = None
     pinned: int | None = None
     rejections: dict[str, Rejection] = field(default_factory=dict)
+    #: Rejections of versions the ref no longer names (newest last).
+    history: collections.deque[Rejection] = field(
+        default_factory=lambda: collections.deque(maxlen=MAX_HISTORY_KEPT)
+    )
     swaps: int = 0
     last_swap_at: float | None = None
     lease: contextlib.ExitStack | None = None
@@ -277,6 +295,7 @@ class ModelManager:
         self._specs: dict[str, RouteSpec] = {}
         self._refresh_lock = threading.RLock()
         self.registry_down_since: float | None = None
+        self._outage_logged_at = 0.0
         self.last_poll_at: float | None = None
 
     # -- routes -------------------------------------------------------------------------------
@@ -466,9 +485,17 @@ class ModelManager:
                 for a in answers.values()
             )
             if down and any(r.ref.is_registry for r in routes):
+                now = self.clock()
                 if self.registry_down_since is None:
-                    self.registry_down_since = self.clock()
+                    self.registry_down_since = self._outage_logged_at = now
                     log.warning("registry %s unreachable", self.source.registry.identity)
+                elif now - self._outage_logged_at >= PROBLEM_REMINDER_S:
+                    self._outage_logged_at = now
+                    log.warning(
+                        "registry %s still unreachable (for %.0fs)",
+                        self.source.registry.identity,
+                        now - self.registry_down_since,
+                    )
             elif self.registry_down_since is not None:
                 log.info("registry %s reachable again", self.source.registry.identity)
                 self.registry_down_since = None
@@ -487,16 +514,20 @@ class ModelManager:
     def _apply(self, route: Route, answer: Resolution | LoaderError, *, force: bool) -> None:
         served = route.handle
         if isinstance(answer, LoaderError):
-            route.problem = str(answer)
-            route.last_error = answer
-            if served is not None:
-                log.warning("%s: %s; still serving %s", route.name, answer, served.label)
-            else:
-                log.error("%s: %s; nothing to serve", route.name, answer)
+            self._problem(route, answer)
+            if route.problem_kind != "unreachable":
+                # The registry answered (with nothing): what serves is not stale, and no
+                # rejected version is named by the ref any more.
+                if served is not None and served.stale:
+                    route.handle = replace(served, stale=False)
+                route.stale = False
+                self._retire_rejections(route, keep=None)
             return
         version = answer.version
         route.resolved, route.stale = version, answer.stale
-        route.problem = None
+        if not answer.stale:  # an outage says nothing of an earlier problem: it stands
+            self._problem(route, None)
+            self._retire_rejections(route, keep=version.cache_key)
         rejection = route.rejections.get(version.cache_key)
         action = swap_action(
             served=served.version if served else None,
@@ -513,6 +544,40 @@ class ModelManager:
             route.handle = replace(served, version=version, stale=answer.stale)
         elif action is SwapAction.LOAD:
             self._swap_in(route, answer)
+
+    def _problem(self, route: Route, error: LoaderError | None) -> None:
+        """Record (or clear) what is wrong with the route's ref. Logged when it starts or
+        changes, then as a reminder at most every PROBLEM_REMINDER_S, not at every poll."""
+        if error is None:
+            if route.problem is not None:
+                log.info("%s: %s resolves again", route.name, route.ref.uri)
+            route.problem = route.problem_kind = route.problem_logged = None
+            return
+        kind = (
+            "unreachable"
+            if isinstance(error, RegistryUnavailable)
+            else "not found"
+            if isinstance(error, ModelNotFound)
+            else "error"
+        )
+        route.problem, route.problem_kind, route.last_error = str(error), kind, error
+        signature = kind if kind == "unreachable" else route.problem  # outage texts vary
+        now = self.clock()
+        logged = route.problem_logged
+        if logged is not None and logged[0] == signature and now - logged[1] < PROBLEM_REMINDER_S:
+            return
+        again = " (still)" if logged is not None and logged[0] == signature else ""
+        route.problem_logged = (signature, now)
+        if route.handle is not None:
+            log.warning("%s%s: %s; still serving %s", route.name, again, error, route.handle.label)
+        else:
+            log.error("%s%s: %s; nothing to serve", route.name, again, error)
+
+    @staticmethod
+    def _retire_rejections(route: Route, *, keep: str | None) -> None:
+        """Rejections of versions the ref no longer names move to the route's history."""
+        for key in [k for k in route.rejections if k != keep]:
+            route.history.append(route.rejections.pop(key))
 
     def _swap_in(self, route: Route, answer: Resolution) -> None:
         version = answer.version
@@ -561,6 +626,10 @@ class ModelManager:
         route.last_swap_at = handle.loaded_at
         if old_lease is not None:
             old_lease.close()
+        if not answer.stale:  # what a start with the registry down serves for this ref
+            self.source.remember(route.ref, version)
+            if answer.ref != route.ref:  # pinned: the pin's own ref too
+                self.source.remember(answer.ref, version)
         if old is not None and route.swap != "memory":
             log.info("%s: swapped %s -> %s", route.name, old.label, version.label)
         else:
@@ -725,7 +794,9 @@ def _route_status(route: Route) -> RouteStatus:
         resolved_version=route.resolved.version if route.resolved else None,
         pinned=route.pinned,
         problem=route.problem,
+        problem_kind=route.problem_kind,
         swaps=route.swaps,
         last_swap_at=route.last_swap_at,
         rejected=tuple(route.rejections.values()),
+        history=tuple(route.history),
     )

@@ -83,6 +83,7 @@ class ModelSource:
         self.cache = cache
         self.policy = dependency_policy or DependencyPolicy()
         self.verify: Verify = verify
+        self._recalled: set[str] = set()
 
     # -- resolve ------------------------------------------------------------------------------
 
@@ -104,14 +105,23 @@ class ModelSource:
                 answers.update(self.registry.resolve_many(remote, known=known))
             except RegistryUnavailable as exc:
                 out.update({ref: self._recall(ref, exc) for ref in remote})
+            else:
+                self._recalled.clear()  # the registry answered: the next outage is news again
         for ref, answer in answers.items():
-            if isinstance(answer, LoaderError):
-                out[ref] = answer
-                continue
-            if ref.is_registry:
-                self.cache.remember(self.registry.identity, ref.uri, answer)
-            out[ref] = Resolution(ref, answer)
+            out[ref] = answer if isinstance(answer, LoaderError) else Resolution(ref, answer)
         return out
+
+    def remember(self, ref: ModelRef, version: ModelVersion) -> None:
+        """Record that ``ref`` was served (or fetched by ``modeld pull``) as ``version``: what a
+        start with the registry down serves. A version that was resolved but never served (say,
+        rejected by the dependency check) is never remembered, so it cannot shadow the last good
+        one. A failure to write is logged: it must not stop serving."""
+        if not ref.is_registry:
+            return
+        try:
+            self.cache.remember(self.registry.identity, ref.uri, version)
+        except LoaderError as exc:
+            log.warning("could not remember %s for %s: %s", version.label, ref.uri, exc)
 
     def resolve(self, ref: ModelRef) -> Resolution:
         """Resolve one ref (see :meth:`resolve_many`).
@@ -128,13 +138,13 @@ class ModelSource:
         remembered = self.cache.recall(self.registry.identity, ref.uri)
         if remembered is None or self.cache.lookup(self.cache.key(remembered)) is None:
             return RegistryUnavailable(self.registry.identity, exc.reason, uri=ref.uri)
-        log.warning(
-            "registry %s unreachable (%s): using cached %s for %s (stale)",
-            self.registry.identity,
-            exc.reason,
-            remembered.label,
-            ref.uri,
-        )
+        if ref.uri not in self._recalled:  # once per outage, not at every poll
+            self._recalled.add(ref.uri)
+            log.info(
+                "%s: using the cached %s while the registry is unreachable (stale)",
+                ref.uri,
+                remembered.label,
+            )
         return Resolution(ref, remembered, stale=True)
 
     # -- prepare ------------------------------------------------------------------------------

@@ -110,6 +110,11 @@ class Registry:
         #: Each registered model's last_updated_timestamp as the last resolve_many saw it:
         #: deleting a version touches it, so a remembered version is re-checked only then.
         self._model_stamps: dict[str, Any] = {}
+        #: Fixed-version refs whose last answer was "not found", while their model's stamp stays
+        #: the same: the answer stands without a call (a deleted pinned version stays reported,
+        #: not cleared by the remembered version at the next poll; a deleted version number
+        #: never comes back).
+        self._missing: dict[ModelRef, tuple[Any, ModelNotFound]] = {}
         #: Number of registry calls made; tests and benchmarks read it.
         self.calls = 0
 
@@ -159,12 +164,22 @@ class Registry:
         for ref in registry_refs:
             name = str(ref.name)
             unchanged = name in self._model_stamps and self._model_stamps[name] == stamps.get(name)
+            missing = self._missing.get(ref)
+            if unchanged and missing is not None and missing[0] == stamps.get(name):
+                out[ref] = missing[1]
+                continue
             try:
                 out[ref] = self._pick(ref, models.get(name), known.get(ref) if unchanged else None)
             except RegistryUnavailable:
                 raise
+            except ModelNotFound as exc:
+                out[ref] = exc
+                if ref.kind is RefKind.VERSION:  # the others are answered by the batch itself
+                    self._missing[ref] = (stamps.get(name), exc)
             except LoaderError as exc:
                 out[ref] = exc
+            else:
+                self._missing.pop(ref, None)
         self._model_stamps.update(stamps)
         return out
 
@@ -214,7 +229,9 @@ class Registry:
         name = ref.name
         assert name is not None
         if rm is None:
-            raise ModelNotFound(name, "registered model of that name", detail=f"ref {ref.uri}")
+            raise ModelNotFound(
+                name, "registered model", detail=f"ref {ref.uri}", registry=self.identity
+            )
         aliases_by_version: dict[int, list[str]] = {}
         for alias, number in (rm.aliases or {}).items():
             aliases_by_version.setdefault(int(number), []).append(alias)
@@ -237,7 +254,9 @@ class Registry:
             )
             if number is None:
                 have = ", ".join(sorted(rm.aliases or {})) or "none"
-                raise ModelNotFound(name, f"alias {ref.alias!r}", detail=f"aliases: {have}")
+                raise ModelNotFound(
+                    name, f"alias {ref.alias!r}", detail=f"aliases: {have}", registry=self.identity
+                )
             if number in latest:
                 return self._require_ready(ref, finish(latest[number]))
             if known is not None and known.version == number:
@@ -249,7 +268,7 @@ class Registry:
             candidates = list(latest.values())
         if not candidates:
             what = f"version in stage {ref.stage!r}" if ref.kind is RefKind.STAGE else "versions"
-            raise ModelNotFound(name, what)
+            raise ModelNotFound(name, what, registry=self.identity)
         best = max(candidates, key=lambda mv: int(mv.version))
         if best.status == READY:
             return finish(best)
@@ -267,7 +286,7 @@ class Registry:
         ]
         if not ready:
             what = f"READY version in stage {stage!r}" if stage else "READY version"
-            raise ModelNotFound(name, what)
+            raise ModelNotFound(name, what, registry=self.identity)
         return max(ready, key=lambda mv: int(mv.version))
 
     def _get_version(self, name: str, version: int) -> Any:
@@ -396,7 +415,7 @@ def _map_mlflow_error(
     code = getattr(exc, "error_code", "")
     message = getattr(exc, "message", str(exc))
     if code == "RESOURCE_DOES_NOT_EXIST" and missing is not None:
-        return ModelNotFound(*missing)
+        return ModelNotFound(*missing, registry=identity)
     if _looks_like_connection_error(exc) or code in ("TEMPORARILY_UNAVAILABLE",):
         return RegistryUnavailable(identity, _short(message))
     if "failures occurred while downloading" in message:

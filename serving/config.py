@@ -378,11 +378,14 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
 
 
 def _default_name(uri: str) -> str:
-    """The registered model name, else the directory name of a local model."""
+    """The registered model name, else the directory name of a local model. For a URI that does
+    not parse, a best guess (its problem is reported once, on the URI, not again on the name)."""
     try:
         ref = parse_uri(uri)
     except Exception:
-        return uri
+        head, _, rest = uri.partition(":/")
+        guess = rest.lstrip("/").split("/")[0].split("@")[0] if head == "models" else ""
+        return guess or Path(uri.rstrip("/")).name or "model"
     if ref.name:
         return ref.name
     if ref.path:

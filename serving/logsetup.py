@@ -41,5 +41,8 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     logging.captureWarnings(True)
     # Per-request access lines and MLflow's chatter stay out of INFO.
-    for noisy in ("aiohttp.access", "mlflow", "urllib3", "alembic", "py.warnings"):
+    for noisy in ("aiohttp.access", "mlflow", "alembic", "py.warnings"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # urllib3 logs each retry of each registry call (a long URL each) at WARNING: an outage
+    # is reported once by modeld itself, then reminded every few minutes.
+    logging.getLogger("urllib3").setLevel(max(logging.ERROR, root.level))

@@ -281,3 +281,21 @@ def threads_left_running(before: set[int | None]) -> list[threading.Thread]:
         and not t.name.startswith("modeld-abandoned-")
         and not t.name.startswith(("asyncio_", "ThreadPoolExecutor", "Mlflow"))
     ]
+
+
+def modeld(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    """``python -m serving ARGS`` from the checkout, stdout and stderr piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "serving", *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Registry edits are blocking: keep them off the loop the server runs on."""
+    return asyncio.to_thread(fn, *args, **kwargs)

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, iris_frame, save_slow_model, wait_http
+from tests.helpers import free_port, iris_frame, modeld, save_slow_model, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def modeld(*args, env=None, **kwargs):
-    return subprocess.Popen(
-        [sys.executable, "-m", "serving", *args],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
 
 
 def post(url, body, timeout=30):

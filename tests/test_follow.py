@@ -14,17 +14,13 @@ from tests.helpers import (
     iris_frame,
     make_config,
     register,
+    run,
     save_iris_model,
     served,
     split_payload,
     start,
     until,
 )
-
-
-def run(fn, *args, **kwargs):
-    """Registry edits are blocking: keep them off the loop the server runs on."""
-    return asyncio.to_thread(fn, *args, **kwargs)
 
 
 @pytest.mark.slow

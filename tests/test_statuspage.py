@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import POLL_S, make_config, register, start, until
+from tests.helpers import POLL_S, iris_frame, make_config, register, split_payload, start, until
+
+#: Where the screenshot is kept for people (CI keeps the folder as the run's artifact).
+ARTIFACTS = Path(
+    os.environ.get("MODELD_TEST_ARTIFACTS")
+    or Path(__file__).resolve().parent.parent / "test-artifacts"
+)
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -50,18 +57,28 @@ async def test_status_page_renders_models_rejections_cache_and_registry(
     sh.copytree(registry.models["const2"], broken)
     next(broken.glob("model.*")).unlink()
     register(c, "paged", registry.models["const1"])
+    register(c, "aliased", registry.models["const1"])
+    c.set_registered_model_alias("aliased", "gone", "1")
     config = make_config(
         registry,
         cache_dir,
         "models:/iris/Production",
         "paged=models:/paged/latest",
+        "aliased=models:/aliased@gone",
         registry__poll_interval_s=POLL_S,
     )
     client = await start(aiohttp_client, config)
     register(c, "paged", broken)
+    c.delete_registered_model_alias("aliased", "gone")  # the ref stops resolving
+    for _ in range(40):  # traffic for the charts
+        resp = await client.post("/models/iris/invocations", json=split_payload(iris_frame(1)))
+        assert resp.status == 200
+    bad = await client.post("/models/iris/invocations", json={"inputs": "nope"})
+    assert bad.status == 400
 
     async def rejected():
-        return (await (await client.get("/models/paged")).json())["rejected"]
+        problem = (await (await client.get("/models/aliased")).json())["problem"]
+        return problem and (await (await client.get("/models/paged")).json())["rejected"]
 
     assert await until(rejected)
     url = f"http://127.0.0.1:{client.server.port}/"
@@ -74,7 +91,7 @@ async def test_status_page_renders_models_rejections_cache_and_registry(
         try:
             driver.get(url)
             seen = {"title": driver.title}
-            for name in ("iris", "paged"):
+            for name in ("iris", "paged", "aliased"):
                 section = driver.find_element(By.CSS_SELECTOR, f'section[data-model="{name}"]')
                 assert section.is_displayed() and section.size["height"] > 50
                 seen[name] = {
@@ -83,6 +100,10 @@ async def test_status_page_renders_models_rejections_cache_and_registry(
                     "text": section.text,
                     "border": section.value_of_css_property("border-left-color"),
                     "colour": section.value_of_css_property("color"),
+                    "lines": len(section.find_elements(By.CSS_SELECTOR, "svg polyline")),
+                    "bands": len(section.find_elements(By.CSS_SELECTOR, "svg rect.band")),
+                    "rejects": len(section.find_elements(By.CSS_SELECTOR, "svg path.reject")),
+                    "chart_width": section.find_element(By.CSS_SELECTOR, "svg.spark").size["width"],
                 }
             rejected_item = driver.find_element(By.CSS_SELECTOR, "ul.rejected li")
             seen["rejected_visible"] = rejected_item.is_displayed()
@@ -91,12 +112,18 @@ async def test_status_page_renders_models_rejections_cache_and_registry(
                 "return [...document.querySelectorAll('[src],[href]')].map(e => e.src || e.href)"
             )
             driver.save_screenshot(str(shot))
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, ARTIFACTS / "status-page.png")
+            driver.set_window_size(390, 1400)  # a phone's width: the cards still fit
+            seen["narrow"] = driver.execute_script(
+                "return document.documentElement.scrollWidth <= window.innerWidth + 1"
+            )
             return seen
         finally:
             driver.quit()
 
     seen = await asyncio.to_thread(look)
-    assert seen["title"] == "modeld · 2 models"
+    assert seen["title"] == "modeld · 3 models"
     assert seen["iris"]["version"].startswith("v2") and "Production" in seen["iris"]["version"]
     assert seen["iris"]["state"] == "loaded"
     assert seen["paged"]["version"].startswith("v1")
@@ -104,6 +131,16 @@ async def test_status_page_renders_models_rejections_cache_and_registry(
     assert seen["iris"]["border"] != seen["paged"]["border"]
     assert seen["iris"]["colour"] == seen["paged"]["colour"]  # body text stays neutral
     assert "v2 at load" in seen["paged"]["text"] and seen["rejected_visible"]
+    # a ref that stopped resolving is red, and its chips say the registry does not know it
+    red = seen["aliased"]["border"]
+    assert red not in (seen["iris"]["border"], seen["paged"]["border"])
+    chips = seen["aliased"]["version"]
+    assert "not in the registry now" in chips and "@gone" not in chips, chips
+    # the last hour is drawn: request and latency lines for the model with traffic, a band
+    # for each served version, a mark for the rejected attempt
+    assert seen["iris"]["lines"] >= 3 and seen["iris"]["bands"] >= 1
+    assert seen["paged"]["rejects"] >= 1 and seen["iris"]["chart_width"] > 100
+    assert seen["narrow"]
     assert "reachable" in seen["summary"] and "3 versions" in seen["summary"]  # broken one too
     assert "(no size limit, 3 versions kept per model)" in seen["summary"]
     assert seen["external"] == []  # self-contained: no external assets

@@ -88,6 +88,14 @@ def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
             if s.name == "modeld_requests_total" and s.labels.get("status") == "200"
         )
         assert total >= 60  # merged across both workers, whichever one answered the scrape
+        # GET /models and the status page: every worker's view, whichever one answers
+        for _ in range(6):
+            models = json.loads(urllib.request.urlopen(f"{base}/models").read())
+            iris = next(m for m in models["models"] if m["name"] == "iris")
+            assert {str(w["pid"]) for w in iris["workers"]} == pids, iris
+            assert iris["consistent"] and models["workers"] == 2
+        page = urllib.request.urlopen(f"{base}/").read().decode()
+        assert "<th>workers</th><td>2 (" in page
 
         victim = int(next(iter(pids)))
         other = int(next(iter(pids - {str(victim)})))

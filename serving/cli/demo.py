@@ -50,9 +50,12 @@ def build_registry(state_dir: Path) -> str:
     return uri
 
 
-def promote_new_version(state_dir: Path, uri: str, url: str, *, delay_s: float = 5.0) -> None:
-    """Once the server answers, register a new iris version and move it to Production, so the
-    demo shows modeld following the registry and swapping without a restart."""
+def promote_new_version(
+    state_dir: Path, uri: str, url: str, banner: str, *, delay_s: float = 5.0
+) -> None:
+    """Once every model is loaded, print ``banner`` (its curl line answers from then on), then
+    register a new iris version and move it to Production, so the demo shows modeld following
+    the registry and swapping without a restart."""
     import time
     import urllib.request
 
@@ -66,8 +69,12 @@ def promote_new_version(state_dir: Path, uri: str, url: str, *, delay_s: float =
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
                 break
-        except OSError:
-            time.sleep(0.5)
+        except OSError:  # refused, or 503 while loading
+            time.sleep(0.2)
+    else:
+        print("\nmodeld demo: the models did not load within 120 s; see the log above", flush=True)
+        return
+    print(banner, flush=True)
     time.sleep(delay_s)
     X, y = load_iris(return_X_y=True, as_frame=True)
     path = state_dir / "models" / f"iris-{int(time.time())}"
@@ -86,9 +93,9 @@ def promote_new_version(state_dir: Path, uri: str, url: str, *, delay_s: float =
     )
 
 
-def prepare(state_dir: str, *, host: str, port: int) -> tuple[Config, str, threading.Thread]:
-    """Build the demo registry and return what to serve: the config, the banner to print once
-    listening, and the (unstarted) thread that promotes a new version once it answers."""
+def prepare(state_dir: str, *, host: str, port: int) -> tuple[Config, threading.Thread]:
+    """Build the demo registry and return what to serve: the config, and the (unstarted)
+    thread that prints the banner once the models are loaded, then promotes a new version."""
     import warnings
 
     # MLflow's deprecation notes about stages and schema hints are noise in a first-run demo.
@@ -134,6 +141,6 @@ def prepare(state_dir: str, *, host: str, port: int) -> tuple[Config, str, threa
     )
     url = f"http://{host}:{port}"
     promoter = threading.Thread(
-        target=promote_new_version, args=(state, uri, url), name="modeld-demo", daemon=True
+        target=promote_new_version, args=(state, uri, url, banner), name="modeld-demo", daemon=True
     )
-    return config, banner, promoter
+    return config, promoter

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from serving.cli.ops import add_commands, run_operation
-from serving.cli.serve import serve
+from serving.cli.serve import bind, cannot_listen, serve
 from serving.config import Config, ConfigProblems, load_config
 
 log = logging.getLogger("modeld")
@@ -154,9 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from serving.cli.demo import prepare
 
-        config, banner, promoter = prepare(args.state_dir, host=args.host, port=args.port)
+        config, promoter = prepare(args.state_dir, host=args.host, port=args.port)
         promoter.start()
-        return serve(config, banner=banner)
+        return serve(config)
     try:
         config = config_from_args(args)
     except ConfigProblems as exc:
@@ -168,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from serving.logsetup import setup_logging
 
         setup_logging(config.server.log_level, config.server.log_format)
+        try:  # the workers share the port (SO_REUSEPORT): it must be free for them
+            bind(config.server.host, config.server.port, reuse_port=True).close()
+        except OSError as exc:
+            return cannot_listen(config.server.host, config.server.port, exc)
         return supervise(
             given,
             config.server.workers,

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,10 @@ def run_operation(args: argparse.Namespace) -> int:
     from loader.api import make_source
     from serving.config import bound_mlflow_http_retries
 
+    problem = _no_registry(config, args)
+    if problem:
+        print(f"modeld {args.command}: {problem}", file=sys.stderr)
+        return 2
     bound_mlflow_http_retries()
     try:
         source = make_source(config.source_options())
@@ -88,6 +93,19 @@ def run_operation(args: argparse.Namespace) -> int:
     except LoaderError as exc:
         print(f"modeld {args.command}: {exc}", file=sys.stderr)
         return 1
+
+
+def _no_registry(config: Any, args: argparse.Namespace) -> str | None:
+    """Why a registry ref cannot be resolved here: no registry is configured anywhere (MLflow
+    would quietly create ./mlflow.db and report the model missing from that empty registry)."""
+    uris = getattr(args, "uris", None) or [getattr(args, "uri", "")]
+    needs_registry = any(u.startswith(("models:", "runs:")) for u in uris if u)
+    if not needs_registry or config.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (
+        "no registry to ask: pass --tracking-uri URI, set MLFLOW_TRACKING_URI, or set "
+        "[registry] tracking_uri in --config"
+    )
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -117,6 +135,7 @@ def _pull_each(source: Any, args: argparse.Namespace, held: contextlib.ExitStack
             if not args.no_load:
                 source.load(prepared, uri=uri)
             load_s = time.perf_counter() - started
+            source.remember(parse_uri(uri), version)  # a sidecar starting offline serves it
         except LoaderError as exc:
             print(f"modeld pull: {uri}: {exc}", file=sys.stderr)
             failed += 1
@@ -188,14 +207,20 @@ def _cache(source: Any, args: argparse.Namespace) -> int:
     cache = source.cache
     if args.action == "ls":
         entries = sorted(cache.entries(), key=lambda e: e["last_used"], reverse=True)
-        rows = [
-            f"{e['version']['name']}@{e['version']['version']}  {e['bytes']:>12}  "
-            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e['last_used']))}  "
-            f"{'pinned  ' if e['pinned'] else ''}{e['path']}"
+        table = [("VERSION", "BYTES", "LAST USED", "PINNED", "PATH")] + [
+            (
+                f"{e['version']['name']}@{e['version']['version']}",
+                str(e["bytes"]),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])),
+                "pinned" if e["pinned"] else "",
+                str(e["path"]),
+            )
             for e in entries
         ]
         total = sum(e["bytes"] for e in entries)
-        _print(args, entries, "\n".join([*rows, f"{len(entries)} entries, {total} bytes"]))
+        _print(
+            args, entries, "\n".join([*_columns(table), f"{len(entries)} entries, {total} bytes"])
+        )
         return 0
     if args.action == "verify":
         report = cache.verify(full=True)
@@ -218,6 +243,19 @@ def _cache(source: Any, args: argparse.Namespace) -> int:
     evicted = cache.evict(limit, keep_versions=keep)
     _print(args, evicted, "\n".join([*evicted, f"{len(evicted)} evicted"]))
     return 0
+
+
+def _columns(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """Rows as aligned text columns (numbers right-aligned, the last column as it is)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(w) if cell.isdigit() or i == 1 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return lines
 
 
 class _Progress:

@@ -3,25 +3,57 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from serving.config import Config
 
 log = logging.getLogger("modeld")
+EXIT_CANNOT_LISTEN = 1
+BACKLOG = 128
 
 
-def serve(
-    config: Config, *, banner: str | None = None, reload: Callable[[], Config] | None = None
-) -> int:
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port``.
+
+    Raises:
+        OSError: the address is taken, not local, or not allowed (the caller says which).
+    """
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=reuse_port)
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> int:
+    print(
+        f"modeld: cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc} "
+        "(is another server "
+        "using the port? pick another with --port)",
+        file=sys.stderr,
+    )
+    return EXIT_CANNOT_LISTEN
+
+
+def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     from aiohttp import web
 
     from serving.app import create_app
     from serving.logsetup import setup_logging
 
     setup_logging(config.server.log_level, config.server.log_format)
-    app = create_app(config, reload=reload)
     server = config.server
+    sock = None
+    if not server.unix_socket and server.workers == 1:
+        # Bind before anything starts: a port in use is a clear error at once, not a
+        # "listening" line and a stop that waits for the models to load. (A --workers worker
+        # binds only once its models are loaded; the supervisor checks the port first.)
+        try:
+            sock = bind(server.host, server.port)
+        except OSError as exc:
+            return cannot_listen(server.host, server.port, exc)
+    app = create_app(config, reload=reload)
     ssl_context = None
     if server.ssl_certfile:
         import ssl
@@ -32,6 +64,10 @@ def serve(
     if server.unix_socket:
         where = {"path": server.unix_socket}
         address = f"unix:{server.unix_socket}"
+    elif sock is not None:
+        where = {"sock": sock}
+        scheme = "https" if ssl_context else "http"
+        address = f"{scheme}://{server.host}:{sock.getsockname()[1]}"
     else:
         where = {"host": server.host, "port": server.port, "reuse_port": server.workers > 1}
         address = f"{'https' if ssl_context else 'http'}://{server.host}:{server.port}"
@@ -39,8 +75,6 @@ def serve(
     async def announce(_: web.Application) -> None:
         routes = ", ".join(f"{m.name}={m.uri}" for m in config.models)
         log.info("modeld listening on %s serving %s", address, routes)
-        if banner:
-            print(banner, flush=True)
 
     app.on_startup.append(announce)
     web.run_app(

@@ -3,6 +3,8 @@ multi-model routes (``/models``, ``/models/{name}``, ``/models/{name}/invocation
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from loader.errors import ModelNotReady
@@ -62,10 +64,11 @@ async def _invoke(request: web.Request, name: str) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """Every route's status; with --workers, every worker's view merged (``workers``)."""
     daemon = daemon_of(request)
     if daemon.manager is None:
         return json_response({"models": [], "status": daemon.start_error or "starting"})
-    return json_response(daemon.manager.status().to_dict())
+    return json_response(await asyncio.to_thread(daemon.status_view))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -74,4 +77,4 @@ async def get_model(request: web.Request) -> web.Response:
     daemon.dataplane.require(name)
     if daemon.manager is None:
         raise ModelNotReady(name)
-    return json_response(daemon.manager.status(name).to_dict())
+    return json_response(await asyncio.to_thread(daemon.status_view, name))

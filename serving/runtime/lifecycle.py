@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from loader.api import make_source
+from loader.errors import ModelNotReady
 from loader.manager import ModelManager
 from serving.config import (
     Config,
@@ -29,6 +30,7 @@ from serving.runtime.batching import RouteWorker
 from serving.runtime.dataplane import DataPlane
 from serving.runtime.follower import Follower
 from serving.runtime.metrics import Metrics
+from serving.runtime.peers import merged_status, peer_states, peers_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,6 +135,28 @@ class Daemon:
         manager = self.manager
         if manager is not None:
             await self.in_load_pool(lambda: manager.refresh(names, force=force))
+
+    def status_view(self, name: str | None = None) -> dict[str, Any]:
+        """The status as JSON-ready data (of route ``name``, or all): with ``--workers``,
+        every worker's view merged into it. Blocking (it reads the other workers' files): run
+        it off the loop.
+
+        Raises:
+            ModelNotReady: the pipeline is not built yet, or no route ``name``.
+        """
+        manager = self.manager
+        if manager is None:
+            raise ModelNotReady(name or "any model")
+        if name is not None:
+            manager.route(name)  # ModelNotReady for an unknown route
+        status = manager.status().to_dict()
+        directory = peers_dir()
+        if directory:
+            status = merged_status(status, peer_states(directory))
+        if name is None:
+            return status
+        view: dict[str, Any] = next(m for m in status["models"] if m["name"] == name)
+        return view
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -10,18 +10,17 @@ state beside them, so whichever worker answers a scrape reports them all.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
-from loader.cache import pid_alive
+from serving.runtime.history import History
+from serving.runtime.peers import PEERS_DIR_ENV, peer_states, publish_state, worker_state
 
 if TYPE_CHECKING:
     from loader.manager import ModelManager
@@ -41,6 +40,7 @@ class Metrics:
         self.manager = manager
         self.seen = 0  # prediction requests this process read...
         self.answered = 0  # ...and answered (logged at shutdown: proof of a clean drain)
+        self.history = History()  # the status page's charts: the last hour per route
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -112,13 +112,13 @@ class Metrics:
         """The text format; across all worker processes when they share a multiprocess dir."""
         from prometheus_client import generate_latest
 
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if not os.environ.get(PEERS_DIR_ENV):
             return generate_latest(self.registry)
         from prometheus_client import multiprocess
 
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
-        merged.register(_StateCollector(self.manager, os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+        merged.register(_StateCollector(self.manager, os.environ[PEERS_DIR_ENV]))
         return generate_latest(merged)
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
@@ -126,10 +126,12 @@ class Metrics:
         event also republishes this worker's state for the others' scrapes."""
         self._publish()
         if event == "swap":
+            self.history.event(fields["route"], "swap", fields["version"])
             self.swaps.labels(fields["route"], "swapped", "").inc()
             self.load.labels(fields["route"]).observe(fields["load_s"])
             self.warmup.labels(fields["route"]).observe(fields["warmup_s"])
         elif event == "reject":
+            self.history.event(fields["route"], "reject", fields["version"], fields["step"])
             self.swaps.labels(fields["route"], "rejected", fields["step"]).inc()
         elif event == "poll":
             self.poll.observe(fields["seconds"])
@@ -137,7 +139,7 @@ class Metrics:
                 self.poll_failures.inc()
 
     def _publish(self) -> None:
-        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        directory = os.environ.get(PEERS_DIR_ENV)
         manager = self.manager()
         if not directory or manager is None:
             return
@@ -154,6 +156,7 @@ class Metrics:
     def batch(self, route: str, size: int) -> None:
         """A predict call answered ``size`` requests of ``route``."""
         self.batch_size.labels(route).observe(size)
+        self.history.batch(route, size)
 
 
 class RequestTrack:
@@ -181,56 +184,12 @@ class RequestTrack:
         m = self._metrics
         m.in_flight.labels(self._model).dec()
         model = route or self._model
-        m.latency.labels(model).observe(time.perf_counter() - self._started)
+        seconds = time.perf_counter() - self._started
+        m.latency.labels(model).observe(seconds)
+        m.history.request(model, seconds, status)
         m.requests.labels(model, "" if version is None else str(version), str(status)).inc()
         if answered:
             m.answered += 1
-
-
-STATE_FILE_PREFIX = "modeld-state-"
-
-
-def worker_state(manager: ModelManager) -> dict[str, Any]:
-    """What this process serves, as the scrape reports it."""
-    status = manager.status()
-    models = [
-        [
-            route.name,
-            route.ref,
-            str(route.version.version),
-            str(route.stale).lower(),
-            len(route.dependency_report.mismatches) if route.dependency_report else 0,
-        ]
-        for route in status.models
-        if route.version is not None
-    ]
-    return {"models": models, "reachable": status.registry.reachable}
-
-
-def publish_state(manager: ModelManager, directory: str) -> None:
-    """Write this worker's state beside prometheus-client's multiprocess files (atomically),
-    for whichever worker answers the next scrape."""
-    state = worker_state(manager)
-    path = os.path.join(directory, f"{STATE_FILE_PREFIX}{os.getpid()}.json")
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(orjson.dumps(state))
-    os.replace(tmp, path)
-
-
-def peer_states(directory: str) -> list[dict[str, Any]]:
-    """The published states of the other live workers."""
-    states = []
-    for path in glob.glob(os.path.join(directory, f"{STATE_FILE_PREFIX}*.json")):
-        tag = os.path.basename(path)[len(STATE_FILE_PREFIX) : -len(".json")]
-        if not tag.isdigit() or int(tag) == os.getpid() or not pid_alive(int(tag)):
-            continue
-        try:
-            with open(path, "rb") as fh:
-                states.append(orjson.loads(fh.read()))
-        except (OSError, ValueError):  # replaced or removed meanwhile: the next scrape has it
-            continue
-    return states
 
 
 def state_families(states: list[dict[str, Any]]) -> Iterator[Any]:

@@ -114,7 +114,7 @@ def _mark_dead(pid: int, directory: str) -> None:
     try:
         from prometheus_client import multiprocess
 
-        from serving.runtime.metrics import STATE_FILE_PREFIX
+        from serving.runtime.peers import STATE_FILE_PREFIX
 
         multiprocess.mark_process_dead(pid, directory)
         with contextlib.suppress(FileNotFoundError):
