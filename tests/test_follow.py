@@ -181,7 +181,9 @@ async def test_failing_versions_are_never_served(
     await asyncio.sleep(POLL_S * 5)  # several polls: no retry before the backoff expires
     status = await (await client.get(f"/models/{name}")).json()
     assert status["version"] == 1
-    assert [(r["version"], r["attempts"]) for r in status["rejected"]] == [(2, 1), (3, 1), (4, 1)]
+    # latest names v4 now: v2 and v3, which no ref names any more, moved to history (issue 15)
+    assert [(r["version"], r["attempts"]) for r in status["rejected"]] == [(4, 1)]
+    assert [(r["version"], r["attempts"]) for r in status["history"]] == [(2, 1), (3, 1)]
     assert "modeld-no-such-package" in status["rejected"][-1]["reason"]
     health = await client.get("/health")
     assert health.status == 200  # serving the last good version
