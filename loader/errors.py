@@ -42,6 +42,7 @@ class InvalidModelURI(LoaderError):
         "models:/NAME/latest",
         "models:/NAME/STAGE (STAGE one of None, Staging, Production, Archived)",
         "models:/NAME@ALIAS",
+        "models:/MODEL_ID (an MLflow 3 logged model, e.g. models:/m-...)",
         "runs:/RUN_ID/PATH",
         "file:///ABSOLUTE/PATH",
         "a local directory path",
@@ -68,6 +69,12 @@ class ModelNotFound(RegistryError):
         where = f" in registry {registry}" if registry else ""
         if what == "registered model":
             message = f"no registered model {name!r}{where}{tail}"
+        elif what == "logged model":
+            message = (
+                f"no logged model {name!r}{where}{tail}: models:/ID names an MLflow 3 logged "
+                "model by its id; for a registered model write models:/NAME/VERSION, "
+                "models:/NAME/latest, models:/NAME/STAGE or models:/NAME@ALIAS"
+            )
         else:
             message = f"registered model {name!r}{where} has no {what}{tail}"
         super().__init__(message)

@@ -171,6 +171,8 @@ class RouteStatus:
             "description": v.description if v else None,
             "run_id": v.run_id if v else None,
             "source": v.source if v else None,
+            "model_id": v.model_id if v else None,
+            "logged_name": v.logged_name if v else None,
             "loaded_at": self.loaded_at,
             "cache_path": self.cache_path,
             "dependency_report": self.dependency_report.to_dict()
@@ -441,7 +443,10 @@ class ModelManager:
             route = self.route(name)
             if not route.ref.is_registry:
                 raise ConfigError(
-                    "pin", route.ref.uri, "a models:/ ref (local models have no versions)"
+                    "pin",
+                    route.ref.uri,
+                    "a registered model's ref, models:/NAME/... (local paths, runs:/ and "
+                    "logged models have no versions to pin)",
                 )
             previous, route.pinned = route.pinned, version
             if verify:
@@ -484,7 +489,7 @@ class ModelManager:
                 isinstance(a, RegistryUnavailable) or (isinstance(a, Resolution) and a.stale)
                 for a in answers.values()
             )
-            if down and any(r.ref.is_registry for r in routes):
+            if down and any(r.ref.is_remote for r in routes):
                 now = self.clock()
                 if self.registry_down_since is None:
                     self.registry_down_since = self._outage_logged_at = now

@@ -97,8 +97,8 @@ class ModelSource:
         """
         refs = list(refs)
         out: dict[ModelRef, Resolution | LoaderError] = {}
-        remote = [r for r in refs if r.is_registry]
-        local = [r for r in refs if not r.is_registry]
+        remote = [r for r in refs if r.is_remote]
+        local = [r for r in refs if not r.is_remote]
         answers = self.registry.resolve_many(local) if local else {}
         if remote:
             try:
@@ -116,7 +116,7 @@ class ModelSource:
         start with the registry down serves. A version that was resolved but never served (say,
         rejected by the dependency check) is never remembered, so it cannot shadow the last good
         one. A failure to write is logged: it must not stop serving."""
-        if not ref.is_registry:
+        if not ref.is_remote:
             return
         try:
             self.cache.remember(self.registry.identity, ref.uri, version)

@@ -45,11 +45,15 @@ class ModelVersion:
     last_updated_ms: int | None = None
     #: Local directory for ``runs:/`` and path refs; registry versions are downloaded instead.
     local_path: str | None = field(default=None, compare=False)
+    #: An MLflow 3 logged model (``models:/<model_id>``): its id (also its ``name`` here, which
+    #: keys the cache) and the name it was logged under.
+    model_id: str | None = None
+    logged_name: str | None = None
 
     @property
     def label(self) -> str:
-        """``name@version`` as used in log lines."""
-        return f"{self.name}@{self.version}"
+        """``name@version`` as used in log lines (a logged model: its id)."""
+        return self.model_id or f"{self.name}@{self.version}"
 
     @property
     def cache_key(self) -> str:
@@ -73,6 +77,8 @@ class ModelVersion:
             "description": self.description,
             "last_updated_ms": self.last_updated_ms,
             "local_path": self.local_path,
+            "model_id": self.model_id,
+            "logged_name": self.logged_name,
         }
 
     @classmethod
@@ -90,6 +96,8 @@ class ModelVersion:
             description=data.get("description"),
             last_updated_ms=data.get("last_updated_ms"),
             local_path=data.get("local_path"),
+            model_id=data.get("model_id"),
+            logged_name=data.get("logged_name"),
         )
 
 
@@ -154,7 +162,14 @@ class Registry:
         out: dict[ModelRef, ModelVersion | LoaderError] = {}
         registry_refs = [r for r in refs if r.is_registry]
         for ref in refs:
-            if not ref.is_registry:
+            if ref.kind is RefKind.MODEL_ID:
+                try:  # a logged model never changes: asked once, then known
+                    out[ref] = known.get(ref) or self._logged_model(ref)
+                except RegistryUnavailable:
+                    raise
+                except LoaderError as exc:
+                    out[ref] = exc
+            elif not ref.is_registry:
                 out[ref] = self._resolve_local(ref)
         if not registry_refs:
             return out
@@ -275,6 +290,35 @@ class Registry:
         # The highest version is still registering (or failed): serve the highest READY one.
         return finish(self._highest_ready(name, ref.stage if ref.kind is RefKind.STAGE else None))
 
+    def _logged_model(self, ref: ModelRef) -> ModelVersion:
+        """An MLflow 3 logged model (``models:/<model_id>``) as a version: its artifact
+        location is the source, its run and logged name are shown in status."""
+        model_id = str(ref.model_id)
+        get = getattr(self.client, "get_logged_model", None)
+        if get is None:
+            raise RegistryError(
+                f"{ref.uri} names an MLflow 3 logged model; this MLflow has no logged models "
+                "(install mlflow>=3)"
+            )
+        lm = self._call(get, model_id, missing=(model_id, "logged model"))
+        status = str(getattr(lm.status, "name", lm.status) or READY).upper()
+        if status not in (READY, "LOGGED_MODEL_STATUS_READY"):
+            raise ModelNotFound(
+                model_id, "READY logged model", detail=f"status is {status}", registry=self.identity
+            )
+        tags = getattr(lm, "tags", None) or {}
+        return ModelVersion(
+            registry=self.identity,
+            name=model_id,
+            version=1,
+            source=lm.artifact_location,
+            run_id=lm.source_run_id or None,
+            tags=tuple(sorted(tags.items())),
+            last_updated_ms=getattr(lm, "last_updated_timestamp", None),
+            model_id=model_id,
+            logged_name=lm.name,
+        )
+
     def _highest_ready(self, name: str, stage: str | None) -> Any:
         versions = self._call(
             self.client.search_model_versions, filter_string=f"name = '{name}'", max_results=1000
@@ -351,8 +395,10 @@ class Registry:
         """
         from mlflow.artifacts import download_artifacts
 
-        if version.source.startswith("runs:/") and version.name.startswith("run-"):
-            base = version.source
+        if version.model_id is not None or (
+            version.source.startswith("runs:/") and version.name.startswith("run-")
+        ):
+            base = version.source  # a logged model's artifact location, or the run's own URI
         else:
             base = self._call(
                 self.client.get_model_version_download_uri,

@@ -1,8 +1,9 @@
 """Parse model URIs into frozen :class:`ModelRef` values. Pure: no I/O, no MLflow import.
 
 Accepted forms mirror ``mlflow.pyfunc.load_model``: ``models:/NAME/VERSION``,
-``models:/NAME/latest``, ``models:/NAME/STAGE``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/PATH``,
-``file:///abs/path`` and plain local paths.
+``models:/NAME/latest``, ``models:/NAME/STAGE``, ``models:/NAME@ALIAS``, MLflow 3's
+``models:/MODEL_ID`` (a logged model, as ``log_model`` returns it: ``models:/m-...``),
+``runs:/RUN_ID/PATH``, ``file:///abs/path`` and plain local paths.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class RefKind(StrEnum):
     LATEST = "latest"
     STAGE = "stage"
     ALIAS = "alias"
+    MODEL_ID = "model_id"
     RUN = "run"
     PATH = "path"
 
@@ -41,10 +43,18 @@ class ModelRef:
     alias: str | None = None
     run_id: str | None = None
     path: str | None = None
+    model_id: str | None = None
 
     @property
     def is_registry(self) -> bool:
+        """A registered model's version, stage, alias or latest (these can be pinned)."""
         return self.kind in (RefKind.VERSION, RefKind.LATEST, RefKind.STAGE, RefKind.ALIAS)
+
+    @property
+    def is_remote(self) -> bool:
+        """Resolved by asking the tracking server (so a start with it down needs the cache's
+        memory): registry refs and MLflow 3 logged models."""
+        return self.is_registry or self.kind is RefKind.MODEL_ID
 
     @property
     def is_movable(self) -> bool:
@@ -62,6 +72,8 @@ class ModelRef:
             return str(self.stage)
         if self.kind is RefKind.ALIAS:
             return f"@{self.alias}"
+        if self.kind is RefKind.MODEL_ID:
+            return str(self.model_id)
         return self.uri
 
     def __str__(self) -> str:
@@ -111,8 +123,9 @@ def _parse_models(uri: str) -> ModelRef:
     parts = body.split("/")
     if len(parts) == 1:
         name, at, alias = parts[0].rpartition("@")
-        if not at:
-            raise InvalidModelURI(uri, "missing version, stage, 'latest' or @alias after the name")
+        if not at:  # MLflow 3: models:/<model_id>, a logged model (as log_model returns it)
+            _check_name(uri, parts[0])
+            return ModelRef(uri=uri, kind=RefKind.MODEL_ID, model_id=parts[0])
         _check_name(uri, name)
         if not alias.strip() or alias != alias.strip() or "@" in alias:
             raise InvalidModelURI(uri, f"bad alias {alias!r}")

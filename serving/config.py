@@ -378,8 +378,9 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
 
 
 def _default_name(uri: str) -> str:
-    """The registered model name, else the directory name of a local model. For a URI that does
-    not parse, a best guess (its problem is reported once, on the URI, not again on the name)."""
+    """The registered model name, a logged model's id, else the directory name of a local
+    model (a run's artifact path: its last part). For a URI that does not parse, a best guess
+    (its problem is reported once, on the URI, not again on the name)."""
     try:
         ref = parse_uri(uri)
     except Exception:
@@ -388,6 +389,8 @@ def _default_name(uri: str) -> str:
         return guess or Path(uri.rstrip("/")).name or "model"
     if ref.name:
         return ref.name
+    if ref.model_id:
+        return ref.model_id
     if ref.path:
         return Path(ref.path).name
     return uri

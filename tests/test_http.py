@@ -302,3 +302,32 @@ async def test_start_loads_with_the_collector_off_then_freezes(
     assert (await resp.json()) == {"predictions": [False]}
     assert gc.isenabled()
     assert gc.get_freeze_count() > 10_000
+
+
+async def test_a_body_that_fails_to_decompress_is_a_400(iris):
+    """A corrupt gzip body was a 500 INTERNAL_ERROR."""
+    resp = await iris.post(
+        "/invocations",
+        data=b"\x1f\x8bnot really gzip",
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert resp.status == 400, await resp.text()
+    body = await resp.json()
+    assert body["error_code"] == "BAD_REQUEST" and "could not be read" in body["message"]
+
+
+async def test_a_schema_error_keeps_mlflows_words_but_not_the_callers_data(iris):
+    frame = iris_frame(1).rename(columns={"sepal length (cm)": "secret-column"})
+    frame.iloc[0, 0] = 987654.125
+    resp = await iris.post("/invocations", json=split_payload(frame))
+    assert resp.status == 400
+    message = (await resp.json())["message"]
+    assert message.startswith("Failed to enforce schema of data with schema")
+    assert "987654" not in message, message
+
+
+async def test_a_405_says_which_methods_are_allowed(iris):
+    for path in ("/invocations", "/models/iris/invocations", "/v2/models/iris/infer"):
+        resp = await iris.get(path)
+        assert resp.status == 405 and resp.headers["Allow"] == "POST", path
+        assert set(await resp.json()) in ({"error_code", "message"}, {"error"})

@@ -366,3 +366,72 @@ def test_worker_views_merge_into_one_status():
     same = merged_status(status(3), [{"pid": 2, "status": status(3, reachable=False)}])
     assert same["models"][0]["consistent"] is True and same["registry"]["reachable"] is False
     assert merged_status(status(3), [])["models"][0]["workers"][0]["pid"] == os.getpid()
+
+
+@pytest.mark.slow
+async def test_a_problem_stays_shown_through_an_outage_and_the_outage_is_one_line(
+    aiohttp_client, registry, cache_dir, tmp_path, caplog
+):
+    """A deleted alias is a problem; the registry then goes down: the problem stays on the
+    card (it used to vanish behind 'stale'), and the outage costs one log line, not one per
+    route per poll."""
+    c = registry.client()
+    for name in ("through-a", "through-b"):
+        register(c, name, registry.models["const1"])
+        c.set_registered_model_alias(name, "live", "1")
+    server = MlflowServer(registry.db, tmp_path / "art", tmp_path / "server.log")
+    server.start()
+    overrides = {
+        "registry__tracking_uri": server.url,
+        "registry__registry_uri": server.url,
+        "registry__poll_interval_s": 0.05,
+    }
+    config = make_config(
+        registry,
+        cache_dir,
+        "a=models:/through-a@live",
+        "b=models:/through-b/latest",
+        **overrides,
+    )
+    client = await start(aiohttp_client, config)
+    try:
+        await run(c.delete_registered_model_alias, "through-a", "live")
+
+        async def problem():
+            return (await (await client.get("/models/a")).json())["problem"]
+
+        assert await until(problem)
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="loader")
+        await run(server.stop)
+
+        async def down():
+            status = await (await client.get("/models")).json()
+            return status["registry"]["unreachable_since"] is not None
+
+        assert await until(down, timeout_s=30)
+        await asyncio.sleep(3)  # polls back off, but several still fail
+        status = await (await client.get("/models/a")).json()
+        assert status["problem_kind"] == "not found" and status["version"] == 1, status
+        page = await (await client.get("/")).text()
+        assert 'data-model="a" data-state="bad"' in page
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("loader")]
+        assert sum("unreachable" in line for line in lines) <= 2, lines
+        assert not any(line.startswith(("a:", "b:")) for line in lines), lines
+    finally:
+        await run(server.stop)
+
+
+def test_urllib3_retry_lines_stay_out_of_the_log():
+    from serving.logsetup import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("urllib3").level
+    try:
+        setup_logging("INFO")
+        assert not logging.getLogger("urllib3.connectionpool").isEnabledFor(logging.WARNING)
+        assert logging.getLogger("loader.manager").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:], level, urllib3_level = saved
+        root.setLevel(level)
+        logging.getLogger("urllib3").setLevel(urllib3_level)

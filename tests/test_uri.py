@@ -15,6 +15,10 @@ from loader import InvalidModelURI, RefKind, parse_uri
         ("models:/iris/archived", RefKind.STAGE, {"name": "iris", "stage": "Archived"}),
         ("models:/iris@champion", RefKind.ALIAS, {"name": "iris", "alias": "champion"}),
         ("models:/my model@v-1", RefKind.ALIAS, {"name": "my model", "alias": "v-1"}),
+        # MLflow 3: a logged model by id, as log_model returns it (and any single name, as
+        # MLflow's own parser reads it)
+        ("models:/m-0123abcd", RefKind.MODEL_ID, {"model_id": "m-0123abcd", "name": None}),
+        ("models:/iris", RefKind.MODEL_ID, {"model_id": "iris"}),
         ("runs:/abc123/model", RefKind.RUN, {"run_id": "abc123", "path": "model"}),
         ("runs:/abc123/sub/model/", RefKind.RUN, {"run_id": "abc123", "path": "sub/model"}),
         ("file:///srv/models/iris", RefKind.PATH, {"path": "/srv/models/iris"}),
@@ -36,6 +40,8 @@ def test_movable_and_registry_flags():
     assert not parse_uri("models:/a/1").is_movable
     assert parse_uri("models:/a/1").is_registry
     assert not parse_uri("runs:/abc/m").is_registry
+    assert parse_uri("models:/m-1").is_remote and not parse_uri("models:/m-1").is_registry
+    assert not parse_uri("models:/m-1").is_movable
 
 
 @pytest.mark.parametrize(
@@ -46,7 +52,7 @@ def test_movable_and_registry_flags():
         "models:/",
         "models:",
         "models://iris/1",
-        "models:/iris",
+        "models:/..",
         "models:/iris/",
         "models:/iris/1/extra",
         "models:/iris/Prod",

@@ -336,8 +336,16 @@ def error_code_of(exc: Any) -> str:
     return code if code in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE") else "BAD_REQUEST"
 
 
+_DATA_QUOTED = ("Failed to enforce schema of data '", "' with schema '")
+
+
 def first_part(message: str) -> str:
-    """MLflow appends the offending input and a long protocol note; keep the explanation."""
+    """MLflow's explanation, without what it adds of the request: the offending input, the
+    data it quotes in a schema error (the DataFrame's repr: the caller's values), and a long
+    protocol note. MLflow's own wording stays, for clients that match on it."""
     for marker in ("\nInput:", ". IMPORTANT: The MLflow Model scoring protocol"):
         message = message.split(marker, 1)[0]
+    head, tail = _DATA_QUOTED
+    if message.startswith(head) and tail in message:
+        message = "Failed to enforce schema of data with schema '" + message.split(tail, 1)[1]
     return message.strip()

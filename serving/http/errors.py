@@ -16,6 +16,7 @@ from enum import Enum
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 from loader.errors import (
     ConfigError,
@@ -73,6 +74,9 @@ def classify(request: web.Request, exc: BaseException) -> tuple[int, str, str]:
     if isinstance(exc, LoaderError):
         log.error("request failed: %s", exc)
         return 500, "INTERNAL_ERROR", str(exc)
+    if isinstance(exc, RequestPayloadError):  # e.g. a corrupt gzip or brotli body
+        reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else ""
+        return 400, _CODES[400], f"the request body could not be read: {reason[:200]}"
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = getattr(request, "_client_max_size", "?")
         return (

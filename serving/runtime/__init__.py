@@ -6,5 +6,7 @@
 - :mod:`~serving.runtime.lifecycle`: start, follow, apply an edited config, stop;
 - :mod:`~serving.runtime.follower`: the poll loop and file watching;
 - :mod:`~serving.runtime.metrics`: Prometheus metrics;
+- :mod:`~serving.runtime.history`: the last hour per route, for the status page's charts;
+- :mod:`~serving.runtime.peers`: with ``--workers``, each worker's state, merged into one view;
 - :mod:`~serving.runtime.supervisor`: ``--workers N`` processes on one port.
 """
