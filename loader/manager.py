@@ -493,7 +493,13 @@ class ModelManager:
                 now = self.clock()
                 if self.registry_down_since is None:
                     self.registry_down_since = self._outage_logged_at = now
-                    log.warning("registry %s unreachable", self.source.registry.identity)
+                    cached = sum(isinstance(a, Resolution) and a.stale for a in answers.values())
+                    log.warning(
+                        "registry %s unreachable; %d refs serve their cached version (stale) "
+                        "until it answers",
+                        self.source.registry.identity,
+                        cached,
+                    )
                 elif now - self._outage_logged_at >= PROBLEM_REMINDER_S:
                     self._outage_logged_at = now
                     log.warning(

@@ -83,7 +83,6 @@ class ModelSource:
         self.cache = cache
         self.policy = dependency_policy or DependencyPolicy()
         self.verify: Verify = verify
-        self._recalled: set[str] = set()
 
     # -- resolve ------------------------------------------------------------------------------
 
@@ -105,8 +104,6 @@ class ModelSource:
                 answers.update(self.registry.resolve_many(remote, known=known))
             except RegistryUnavailable as exc:
                 out.update({ref: self._recall(ref, exc) for ref in remote})
-            else:
-                self._recalled.clear()  # the registry answered: the next outage is news again
         for ref, answer in answers.items():
             out[ref] = answer if isinstance(answer, LoaderError) else Resolution(ref, answer)
         return out
@@ -138,14 +135,7 @@ class ModelSource:
         remembered = self.cache.recall(self.registry.identity, ref.uri)
         if remembered is None or self.cache.lookup(self.cache.key(remembered)) is None:
             return RegistryUnavailable(self.registry.identity, exc.reason, uri=ref.uri)
-        if ref.uri not in self._recalled:  # once per outage, not at every poll
-            self._recalled.add(ref.uri)
-            log.info(
-                "%s: using the cached %s while the registry is unreachable (stale)",
-                ref.uri,
-                remembered.label,
-            )
-        return Resolution(ref, remembered, stale=True)
+        return Resolution(ref, remembered, stale=True)  # the manager says so, once an outage
 
     # -- prepare ------------------------------------------------------------------------------
 
