@@ -8,6 +8,7 @@ theirs from it with :func:`make_source`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import weakref
@@ -116,8 +117,11 @@ def make_source(options: SourceOptions | None = None, **fields: Any) -> ModelSou
     )
 
 
-def load_model(uri: str | os.PathLike[str], **options: Any) -> Any:
-    """Load a model like ``mlflow.pyfunc.load_model(uri)``, through the verified disk cache.
+def load_model(
+    uri: str | os.PathLike[str], *, model_config: dict[str, Any] | None = None, **options: Any
+) -> Any:
+    """Load a model like ``mlflow.pyfunc.load_model(uri, model_config=...)``, through the
+    verified disk cache.
 
     ``options`` are :class:`SourceOptions` fields (``cache_dir``, ``dependency_policy``,
     ``tracking_uri``...). The result is the pyfunc model with ``model.modeld`` describing where
@@ -146,11 +150,14 @@ def load_model(uri: str | os.PathLike[str], **options: Any) -> Any:
         opts,
         prepared.cache_key or str(prepared.path),
         resolution.version.last_updated_ms if prepared.cache_key is None else None,
+        json.dumps(model_config, sort_keys=True, default=str) if model_config else None,
     )
     with _lock:
         model = _models.get(identity)
     if model is None:
-        model = source.load(prepared, uri=ref.uri, stale=resolution.stale)
+        model = source.load(
+            prepared, uri=ref.uri, stale=resolution.stale, model_config=model_config
+        )
         with _lock:
             model = _models.setdefault(identity, model)
     model.modeld.stale = resolution.stale

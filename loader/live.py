@@ -33,6 +33,7 @@ class LiveModel:
             each swap (not for the first load, which happens before the constructor returns).
         warmup: run the model's input example through it before serving a version.
         retry_base_s: first wait before retrying a rejected version (doubling after).
+        model_config: passed to ``mlflow.pyfunc.load_model(model_config=)`` for each version.
         options: :class:`~loader.api.SourceOptions` fields (``cache_dir``,
             ``dependency_policy``, ``tracking_uri``...); ``keep_versions`` defaults to 3 here,
             as in the daemon: the least recently used versions of the model beyond it are
@@ -52,6 +53,7 @@ class LiveModel:
         on_swap: Callable[[ModelHandle | None, ModelHandle], None] | None = None,
         warmup: bool = True,
         retry_base_s: float = RETRY_BASE_S,
+        model_config: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         schedule = PollSchedule(poll_interval_s)
@@ -59,7 +61,7 @@ class LiveModel:
         source = make_source(SourceOptions.of(**options))
         self._on_swap = on_swap
         self.manager = ModelManager(source, retry_base_s=retry_base_s)
-        self.manager.add(ROUTE, os.fspath(uri), warmup=warmup)
+        self.manager.add(ROUTE, os.fspath(uri), warmup=warmup, model_config=model_config)
         self.manager.refresh()
         route = self.manager.route(ROUTE)
         if route.handle is None:

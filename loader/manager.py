@@ -19,7 +19,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from loader.deps import DependencyReport
@@ -123,6 +123,9 @@ class RouteSpec:
     warmup: bool = True
     #: Payload for the warm-up prediction instead of the model's saved input example.
     warmup_example: dict[str, Any] | None = field(default=None, hash=False)
+    #: ``mlflow.pyfunc.load_model(model_config=...)``: what ``mlflow models serve`` takes from
+    #: ``SERVING_MODEL_CONFIG``.
+    model_config: dict[str, Any] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,9 +237,11 @@ class Route:
 
     name: str
     ref: ModelRef
-    swap: SwapPolicy = "availability"
-    warmup: bool = True
+    spec: RouteSpec
     handle: ModelHandle | None = None
+    #: Load the aspired version again even though its files are served (its model_config
+    #: changed); once, whatever the outcome.
+    reload: bool = False
     resolved: ModelVersion | None = None
     stale: bool = False
     problem: str | None = None
@@ -255,8 +260,6 @@ class Route:
     lease: contextlib.ExitStack | None = None
     #: The last failure as an exception (LiveModel re-raises it when nothing could load).
     last_error: BaseException | None = None
-    #: Payload for the warm-up prediction instead of the model's saved input example.
-    warmup_example: dict[str, Any] | None = None
 
 
 class ModelManager:
@@ -294,7 +297,6 @@ class ModelManager:
         self.on_swap = on_swap
         self.clock = clock
         self._routes: dict[str, Route] = {}
-        self._specs: dict[str, RouteSpec] = {}
         self._refresh_lock = threading.RLock()
         self.registry_down_since: float | None = None
         self._outage_logged_at = 0.0
@@ -302,60 +304,43 @@ class ModelManager:
 
     # -- routes -------------------------------------------------------------------------------
 
-    def add(
-        self,
-        name: str,
-        uri: str | ModelRef,
-        *,
-        swap: SwapPolicy = "availability",
-        warmup: bool = True,
-        warmup_example: dict[str, Any] | None = None,
-    ) -> Route:
-        """Follow ``uri`` under route ``name`` (nothing loads until :meth:`refresh`).
+    def add(self, name: str, uri: str | ModelRef, **options: Any) -> Route:
+        """Follow ``uri`` under route ``name`` (nothing loads until :meth:`refresh`);
+        ``options`` are :class:`RouteSpec` fields (``swap``, ``warmup``, ...).
 
         Raises:
             InvalidModelURI: the URI does not parse.
-            ConfigError: bad swap policy or duplicate route name.
+            ConfigError: a bad option, or a duplicate route name.
         """
-        ref = _checked_ref(name, uri, swap)
+        spec, ref = _checked_spec(name, uri, options)
         with self._refresh_lock:
             if name in self._routes:
                 raise ConfigError("models.name", name, "a route name used once")
-            route = Route(
-                name=name, ref=ref, swap=swap, warmup=warmup, warmup_example=warmup_example
-            )
+            route = Route(name=name, ref=ref, spec=spec)
             self._routes[name] = route
-            self._specs[name] = RouteSpec(name, ref.uri, swap, warmup, warmup_example)
             return route
 
-    def update(
-        self,
-        name: str,
-        uri: str | ModelRef,
-        *,
-        swap: SwapPolicy = "availability",
-        warmup: bool = True,
-        warmup_example: dict[str, Any] | None = None,
-    ) -> None:
-        """Point an existing route at another ref; the old version serves until the new one
-        is ready (at the next :meth:`refresh`).
+    def update(self, name: str, uri: str | ModelRef, **options: Any) -> None:
+        """Point an existing route at another ref, or change its options; the old version
+        serves until the new one is ready (at the next :meth:`refresh`).
 
         Raises:
             InvalidModelURI, ConfigError, ModelNotReady (unknown route)
         """
-        ref = _checked_ref(name, uri, swap)
+        spec, ref = _checked_spec(name, uri, options)
         with self._refresh_lock:
             route = self.route(name)
             if route.ref != ref:
                 route.ref, route.resolved, route.pinned = ref, None, None
                 route.rejections.clear()
-            route.swap, route.warmup, route.warmup_example = swap, warmup, warmup_example
-            self._specs[name] = RouteSpec(name, ref.uri, swap, warmup, warmup_example)
+            if route.spec.model_config != spec.model_config:
+                route.reload = True  # same files, loaded another way
+                route.rejections.clear()
+            route.spec = spec
 
     def remove(self, name: str) -> None:
         with self._refresh_lock:
             route = self._routes.pop(name, None)
-            self._specs.pop(name, None)
             if route is not None:
                 self._unload(route)
 
@@ -373,7 +358,7 @@ class ModelManager:
         for spec in specs:
             if spec.name in wanted:
                 raise ConfigError("models.name", spec.name, "a route name used once")
-            _checked_ref(spec.name, spec.uri, spec.swap)
+            _checked_spec(spec.name, spec.uri, _options(spec))
             wanted[spec.name] = spec
         changed = []
         with self._refresh_lock:
@@ -381,16 +366,11 @@ class ModelManager:
                 self.remove(name)
                 log.info("stopped serving %s", name)
             for name, spec in wanted.items():
-                options: dict[str, Any] = {
-                    "swap": spec.swap,
-                    "warmup": spec.warmup,
-                    "warmup_example": spec.warmup_example,
-                }
                 if name not in self._routes:
-                    self.add(name, spec.uri, **options)
+                    self.add(name, spec.uri, **_options(spec))
                     log.info("now serving %s = %s", name, spec.uri)
-                elif self._specs[name] != spec:
-                    self.update(name, spec.uri, **options)
+                elif self._routes[name].spec != spec:
+                    self.update(name, spec.uri, **_options(spec))
                     log.info("%s now follows %s", name, spec.uri)
                 else:
                     continue
@@ -550,10 +530,13 @@ class ModelManager:
             now=self.clock(),
             force=force,
         )
+        if route.reload and action in (SwapAction.KEEP, SwapAction.RELABEL):
+            action = SwapAction.LOAD
         if action is SwapAction.RELABEL:
             assert served is not None
             route.handle = replace(served, version=version, stale=answer.stale)
         elif action is SwapAction.LOAD:
+            route.reload = False
             self._swap_in(route, answer)
 
     def _problem(self, route: Route, error: LoaderError | None) -> None:
@@ -593,7 +576,7 @@ class ModelManager:
     def _swap_in(self, route: Route, answer: Resolution) -> None:
         version = answer.version
         old = route.handle
-        if unload_first(route.swap, old is not None):
+        if unload_first(route.spec.swap, old is not None):
             assert old is not None
             log.info(
                 "%s: unloading %s before loading %s (swap = memory)",
@@ -641,7 +624,7 @@ class ModelManager:
             self.source.remember(route.ref, version)
             if answer.ref != route.ref:  # pinned: the pin's own ref too
                 self.source.remember(answer.ref, version)
-        if old is not None and route.swap != "memory":
+        if old is not None and route.spec.swap != "memory":
             log.info("%s: swapped %s -> %s", route.name, old.label, version.label)
         else:
             log.info(
@@ -673,12 +656,16 @@ class ModelManager:
         self, route: Route, prepared: Prepared, answer: Resolution
     ) -> tuple[Any, float, float]:
         started = time.perf_counter()
+        spec = route.spec
         model = self._step(
-            "load", lambda: self.source.load(prepared, uri=route.ref.uri, stale=answer.stale)
+            "load",
+            lambda: self.source.load(
+                prepared, uri=route.ref.uri, stale=answer.stale, model_config=spec.model_config
+            ),
         )
         load_s = time.perf_counter() - started
-        if route.warmup:
-            example = route.warmup_example or PyFuncLoader(prepared.path).input_example()
+        if spec.warmup:
+            example = spec.warmup_example or PyFuncLoader(prepared.path).input_example()
             self._step("warm-up", lambda: warm_up(model, example, answer.version.label))
         return model, load_s, time.perf_counter() - started - load_s
 
@@ -784,10 +771,31 @@ class ModelManager:
         )
 
 
-def _checked_ref(name: str, uri: str | ModelRef, swap: str) -> ModelRef:
-    if swap not in SWAP_POLICIES:
-        raise ConfigError(f"models.{name}.swap", swap, " | ".join(SWAP_POLICIES))
-    return uri if isinstance(uri, ModelRef) else parse_uri(uri)
+def _checked_spec(
+    name: str, uri: str | ModelRef, options: dict[str, Any]
+) -> tuple[RouteSpec, ModelRef]:
+    """The route's spec and parsed ref, every option checked.
+
+    Raises:
+        InvalidModelURI, ConfigError
+    """
+    ref = uri if isinstance(uri, ModelRef) else parse_uri(uri)
+    known = [f.name for f in fields(RouteSpec) if f.name not in ("name", "uri")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"models.{name}.{unknown[0]}", options[unknown[0]], f"one of {known}")
+    spec = RouteSpec(name, ref.uri, **options)
+    if spec.swap not in SWAP_POLICIES:
+        raise ConfigError(f"models.{name}.swap", spec.swap, " | ".join(SWAP_POLICIES))
+    if spec.model_config is not None and not isinstance(spec.model_config, dict):
+        raise ConfigError(f"models.{name}.model_config", spec.model_config, "a table (dict)")
+    return spec, ref
+
+
+def _options(spec: RouteSpec) -> dict[str, Any]:
+    return {
+        f.name: getattr(spec, f.name) for f in fields(RouteSpec) if f.name not in ("name", "uri")
+    }
 
 
 def _route_status(route: Route) -> RouteStatus:

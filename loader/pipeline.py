@@ -176,14 +176,27 @@ class ModelSource:
 
     # -- load ---------------------------------------------------------------------------------
 
-    def load(self, prepared: Prepared, *, uri: str, stale: bool = False) -> Any:
+    def load(
+        self,
+        prepared: Prepared,
+        *,
+        uri: str,
+        stale: bool = False,
+        model_config: dict[str, Any] | None = None,
+    ) -> Any:
         """Load a prepared version with mlflow.pyfunc and attach :class:`ModelInfo`.
+        ``model_config`` goes to ``mlflow.pyfunc.load_model(model_config=)`` (such a load
+        neither reads nor writes a load snapshot: the snapshot holds the model as loaded
+        without one).
 
         Raises:
             ModelLoadError: mlflow could not load it.
         """
         started = time.perf_counter()
-        model, how = self._load_fast(prepared)
+        if model_config:
+            model, how = PyFuncLoader(prepared.path).load(model_config=model_config), "mlflow"
+        else:
+            model, how = self._load_fast(prepared)
         version = prepared.version
         model.modeld = ModelInfo(
             uri=uri,

@@ -37,17 +37,18 @@ class PyFuncLoader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def load(self) -> Any:
-        """Load the model.
+    def load(self, *, model_config: dict[str, Any] | None = None) -> Any:
+        """Load the model (``model_config`` as ``mlflow.pyfunc.load_model`` takes it).
 
         Raises:
             ModelLoadError: mlflow could not load the files (the cause is chained).
         """
         import mlflow.pyfunc
 
+        extra = {"model_config": model_config} if model_config else {}
         try:
             # modeld runs its own dependency check (loader.deps); MLflow's would repeat it.
-            return mlflow.pyfunc.load_model(str(self.path), suppress_warnings=True)
+            return mlflow.pyfunc.load_model(str(self.path), suppress_warnings=True, **extra)
         except Exception as exc:
             raise ModelLoadError(
                 f"mlflow.pyfunc.load_model failed for {str(self.path)!r}: "

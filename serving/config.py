@@ -12,18 +12,22 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from loader.api import SourceOptions
 from loader.cache import VERIFY_MODES
 from loader.deps import MATCHES, POLICIES
-from loader.manager import SWAP_POLICIES, RouteSpec
+from loader.manager import SWAP_POLICIES, RouteSpec, SwapPolicy
 from loader.uri import parse_uri
 
 ENV_PREFIX = "MODELD_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: Where the cache lives when ``cache.dir`` is not set (before ``~/.cache/modeld``).
 CACHE_DIR_ENV = "MODELD_CACHE_DIR"
+#: ``mlflow models serve``'s own variables, meaning what they mean to MLflow.
+SERVING_MODEL_CONFIG_ENV = "SERVING_MODEL_CONFIG"
+MLFLOW_TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
+MLFLOW_WORKERS_ENV = "MLFLOW_MODELS_WORKERS"
 #: MLflow's defaults retry a refused connection 7 times with backoff (minutes); a serving
 #: daemon must notice an outage in seconds and keep serving from its cache. MLflow reads these
 #: only from the environment, at each request, so the daemon sets them (unless the user did)
@@ -116,6 +120,8 @@ class ModelConfig:
     warmup: bool = True
     warmup_payload: str = ""
     predict_threads: int = 0  # 0: server.predict_threads
+    #: ``mlflow.pyfunc.load_model(model_config=...)`` (a TOML table).
+    model_config: dict[str, Any] | None = field(default=None, hash=False)
 
     @property
     def warmup_example(self) -> dict[str, Any] | None:
@@ -124,7 +130,14 @@ class ModelConfig:
 
     def route_spec(self) -> RouteSpec:
         """What the manager serves for this entry (``set_routes``)."""
-        return RouteSpec(self.name, self.uri, self.swap, self.warmup, self.warmup_example)  # type: ignore[arg-type]
+        return RouteSpec(
+            self.name,
+            self.uri,
+            cast(SwapPolicy, self.swap),
+            self.warmup,
+            self.warmup_example,
+            self.model_config,
+        )
 
 
 @dataclass(frozen=True)
@@ -253,7 +266,7 @@ def load_config(
             sections[name] = dataclasses.replace(section, token=secret)
     if not sections["cache"].dir and env.get(CACHE_DIR_ENV):
         sections["cache"] = dataclasses.replace(sections["cache"], dir=env[CACHE_DIR_ENV])
-    models = _models(raw.get("models", []), extra_models or [], problems)
+    models = _models(raw.get("models", []), extra_models or [], problems, env)
     config = Config(**sections, models=tuple(models), path=str(path) if path else None)
     _validate(config, problems)
     if problems:
@@ -317,7 +330,9 @@ def _type_ok(value: Any, default: Any) -> bool:
     return True
 
 
-def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig]:
+def _models(
+    raw: Any, extra: list[str], problems: list[str], env: Mapping[str, str]
+) -> list[ModelConfig]:
     models: list[ModelConfig] = []
     if not isinstance(raw, list):
         problems.append("models: expected [[models]] tables")
@@ -343,6 +358,7 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
             "warmup": (item.get("warmup", True), bool),
             "warmup_payload": (item.get("warmup_payload", ""), str),
             "predict_threads": (item.get("predict_threads", 0), int),
+            "model_config": (item.get("model_config", {}), dict),
         }
         bad = [
             k
@@ -364,17 +380,38 @@ def _models(raw: Any, extra: list[str], problems: list[str]) -> list[ModelConfig
                 item.get("warmup", True),
                 item.get("warmup_payload", ""),
                 item.get("predict_threads", 0),
+                item.get("model_config") or None,
             )
         )
     # The first -m model answers POST /invocations unless a [[models]] entry is the default.
     first_default = not any(m.default for m in models)
+    serving_config = _serving_model_config(env, problems)
     for value in extra:
         name, sep, uri = value.partition("=")
         if not sep or "://" in name or name.startswith(("models:", "runs:", "file:", "/", ".")):
             name, uri = _default_name(value), value
-        models.append(ModelConfig(name=name, uri=uri, default=first_default))
+        models.append(
+            ModelConfig(name=name, uri=uri, default=first_default, model_config=serving_config)
+        )
         first_default = False
     return models
+
+
+def _serving_model_config(env: Mapping[str, str], problems: list[str]) -> dict[str, Any] | None:
+    """``SERVING_MODEL_CONFIG``: the JSON object ``mlflow models serve`` passes to
+    ``load_model(model_config=)``; modeld gives it to the models of ``-m`` flags."""
+    text = env.get(SERVING_MODEL_CONFIG_ENV)
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        problems.append(f"{SERVING_MODEL_CONFIG_ENV}: not valid JSON ({exc})")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{SERVING_MODEL_CONFIG_ENV}: expected a JSON object")
+        return None
+    return value
 
 
 def _default_name(uri: str) -> str:

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from serving.cli.ops import add_commands, run_operation
 from serving.cli.serve import bind, cannot_listen, serve
-from serving.config import Config, ConfigProblems, load_config
+from serving.config import (
+    MLFLOW_TIMEOUT_ENV,
+    MLFLOW_WORKERS_ENV,
+    Config,
+    ConfigProblems,
+    load_config,
+)
 
 log = logging.getLogger("modeld")
 EXIT_CONFIG = 2
@@ -87,8 +94,18 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--env-manager",
         metavar="local",
-        help="accepted for `mlflow models serve` command lines: modeld serves in its own "
-        "environment and checks each model's dependencies instead (--dependency-policy)",
+        help="as `mlflow models serve`: local (the default here, where MLflow's is virtualenv): "
+        "modeld serves in its own environment and checks each model's dependencies against it "
+        "(--dependency-policy); other managers are refused with the reason",
+    )
+    parser.add_argument(
+        "--no-conda", action="store_true", help="as `mlflow models serve`: --env-manager local"
+    )
+    parser.add_argument(
+        "--install-mlflow",
+        action="store_true",
+        help="as `mlflow models serve`: installs MLflow into a built environment; with the "
+        "local environment (modeld's) it does nothing, as in MLflow",
     )
     parser.add_argument(
         "--predict-threads",
@@ -106,13 +123,29 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    """The config a ``serve`` command line means: flags, then ``mlflow models serve``'s own
+    variables where its flags would take them (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` for
+    ``-t``, ``MLFLOW_MODELS_WORKERS`` for ``-w``, ``SERVING_MODEL_CONFIG``), then
+    ``MODELD_*`` variables, then the TOML file.
+
+    Raises:
+        ConfigProblems: every problem found.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    timeout = (
+        args.timeout if args.timeout is not None else _env_number(env, MLFLOW_TIMEOUT_ENV, problems)
+    )
+    workers = (
+        args.workers if args.workers is not None else _env_number(env, MLFLOW_WORKERS_ENV, problems)
+    )
     overrides: dict[str, Any] = {
         "server.host": args.host,
         "server.port": args.port,
         "server.log_level": args.log_level,
-        "server.workers": args.workers,
-        "server.request_timeout_s": args.timeout,
+        "server.workers": int(workers) if workers is not None else None,
+        "server.request_timeout_s": timeout,
         "server.predict_threads": args.predict_threads,
         "server.log_format": args.log_format,
         "server.ssl_certfile": args.ssl_certfile,
@@ -123,17 +156,28 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "registry.poll_interval_s": args.poll_interval,
     }
     if args.env_manager not in (None, "local"):
-        raise ConfigProblems(
-            [
-                f"--env-manager {args.env_manager!r}: modeld builds no environments; it serves "
-                "in its own and checks each model's dependencies against it "
-                "(--dependency-policy strict refuses a mismatch). Pass local or leave it out."
-            ]
+        problems.append(
+            f"--env-manager {args.env_manager!r}: modeld builds no environments; it serves "
+            "in its own and checks each model's dependencies against it "
+            "(--dependency-policy strict refuses a mismatch). Pass local or leave it out."
         )
-    config = load_config(args.config, overrides=overrides, extra_models=args.model)
+    if problems:
+        raise ConfigProblems(problems)
+    config = load_config(args.config, env=env, overrides=overrides, extra_models=args.model)
     if not config.models:
         raise ConfigProblems(["no model to serve: pass -m URI or add [[models]] to --config"])
     return config
+
+
+def _env_number(env: Mapping[str, str], key: str, problems: list[str]) -> float | None:
+    text = env.get(key)
+    if text is None or not text.strip():
+        return None
+    try:
+        return float(int(text))
+    except ValueError:
+        problems.append(f"{key} = {text[:40]!r}: expected a whole number")
+        return None
 
 
 def reloader(args: argparse.Namespace) -> Callable[[], Config]:

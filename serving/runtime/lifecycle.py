@@ -124,6 +124,7 @@ class Daemon:
         if old.registry.poll_interval_s != new.registry.poll_interval_s:
             log.info("config: poll interval now %ss", new.registry.poll_interval_s)
         self.dataplane.config = new
+        self.metrics.history.forget({m.name for m in new.models})
         await self.dataplane.retire_workers()
         if self.follower is not None:
             self.follower.sync_model_watches()
