@@ -76,15 +76,16 @@ def warm_up(model: Any, example: dict[str, Any] | None, label: str) -> bool:
     """
     if not example:
         return False
-    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+    # MLflow's own request parsing: a chat or agent model's example is a unified LLM request
+    # (messages, prompt or input; params split out by the params schema), a type-hint model's
+    # is {"inputs": ...}, the others a DataFrame or tensor form.
+    from mlflow.pyfunc.scoring_server import _parse_json_data
 
     try:
-        data = infer_and_parse_data(
-            {k: v for k, v in example.items() if k != "params"},
-            model.metadata.get_input_schema(),
-        )
-        params = example.get("params")
-        result = model.predict(data, params=params) if params else model.predict(data)
+        schema = model.metadata.get_input_schema()
+        parsed = _parse_json_data(example, model.metadata, schema)  # type: ignore[no-untyped-call]
+        data, params = parsed.data, parsed.params
+        result = model.predict(data) if params is None else model.predict(data, params=params)
     except Exception as exc:
         raise ModelLoadError(
             f"{label} warm-up prediction failed: {type(exc).__name__}: {_first_line(exc)}"

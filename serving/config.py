@@ -78,6 +78,9 @@ class ServerConfig:
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
     unix_socket: str = ""
+    #: Send the model's traceback as ``stack_trace`` in error bodies, as MLflow does (off:
+    #: a traceback tells a caller about the server's code and files).
+    stack_traces: bool = False
 
 
 @dataclass(frozen=True)

@@ -109,3 +109,115 @@ def test_a_changed_model_config_reloads_the_same_files(cache_dir, tmp_path):
         assert manager.status("e").swaps == 2
     finally:
         manager.close()
+
+
+def mlflow_answer(model, body: dict):
+    """What `mlflow models serve` answers: MLflow's own scoring function, in process."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    answer = invocations(json.dumps(body), "application/json", model, None)
+    return answer.status, json.loads(answer.response)
+
+
+def save_params_echo(path):
+    """Answers, for a unified LLM request, the params it was given and the keys of its input."""
+    import mlflow.pyfunc
+
+    class ParamsEcho(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            keys = sorted(model_input) if isinstance(model_input, dict) else None
+            return {"params": params, "keys": keys}
+
+    mlflow.pyfunc.save_model(str(path), python_model=ParamsEcho(), pip_requirements=[])
+    return path
+
+
+def save_chat_model(path):
+    import mlflow.pyfunc
+    from mlflow.types.llm import ChatCompletionResponse, ChatMessage
+
+    class Parrot(mlflow.pyfunc.ChatModel):
+        def predict(self, context, messages, params):
+            last = messages[-1].content
+            reply = ChatMessage(role="assistant", content=f"{last}! (max {params.max_tokens})")
+            return ChatCompletionResponse(
+                choices=[{"index": 0, "message": reply.to_dict(), "finish_reason": "stop"}],
+                model="parrot",
+            )
+
+    mlflow.pyfunc.save_model(str(path), python_model=Parrot(), pip_requirements=[])
+    return path
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"prompt": "once upon", "temperature": 0.5},
+        {"input": ["a", "b"]},
+    ],
+)
+async def test_unified_llm_bodies_answer_as_mlflow_does(
+    aiohttp_client, registry, cache_dir, tmp_path, body
+):
+    echo = save_params_echo(tmp_path / "echo")
+    client = await start(aiohttp_client, make_config(registry, cache_dir, f"llm={echo}"))
+    resp = await client.post("/invocations", json=body)
+    ours = (resp.status, await resp.json())
+    assert ours == mlflow_answer(loader.load_model(str(echo), cache_dir=cache_dir), body)
+    assert ours[1]["params"] == {}  # {} when there are none, not None
+
+
+async def test_a_chat_model_answers_as_mlflow_does(aiohttp_client, registry, cache_dir, tmp_path):
+    chat = save_chat_model(tmp_path / "chat")
+    config = make_config(registry, cache_dir, f"chat={chat}")
+    client = await start(aiohttp_client, config)
+    model = loader.load_model(str(chat), cache_dir=cache_dir)
+    for body in (
+        {"messages": [{"role": "user", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 7},
+    ):
+        for path in ("/invocations", "/models/chat/invocations"):
+            resp = await client.post(path, json=body)
+            ours = (resp.status, await resp.json())
+            theirs = mlflow_answer(model, body)
+            for answer in (ours, theirs):  # ids and times differ per call
+                answer[1].pop("id", None)
+                answer[1].pop("created", None)
+            assert ours == theirs, path
+            assert ours[1]["choices"][0]["message"]["content"].startswith("hello!")
+
+
+def save_odd_outputs(path):
+    import mlflow.pyfunc
+
+    class Odd(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            if float(model_input.iloc[0, 0]) < 0:
+                raise ValueError("negative input")
+            return {1: "one", 2.5: "two and a half"}
+
+    mlflow.pyfunc.save_model(str(path), python_model=Odd(), pip_requirements=[])
+    return path
+
+
+async def test_non_string_keys_and_stack_traces(aiohttp_client, registry, cache_dir, tmp_path):
+    """A dict output with non-string keys was a 500 (orjson); stack_trace is sent only when
+    server.stack_traces is on."""
+    odd = save_odd_outputs(tmp_path / "odd")
+    for traces in (False, True):
+        config = make_config(registry, cache_dir, f"odd={odd}", server__stack_traces=traces)
+        client = await start(aiohttp_client, config)
+        one = {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}
+        minus_one = {"dataframe_split": {"columns": ["x"], "data": [[-1.0]]}}
+        resp = await client.post("/invocations", json=one)
+        assert resp.status == 200 and (await resp.json()) == {
+            "predictions": {"1": "one", "2.5": "two and a half"}
+        }
+        bad = await client.post("/invocations", json=minus_one)
+        assert bad.status == 400
+        body = await bad.json()
+        assert ("stack_trace" in body) is traces
+        if traces:
+            assert "ValueError: negative input" in body["stack_trace"]
+        await client.close()

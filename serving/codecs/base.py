@@ -17,11 +17,15 @@ MAX_MESSAGE_CHARS = 1000
 
 
 class ProtocolError(Exception):
-    """A request the protocol refuses (bad input): carries MLflow's error code."""
+    """A request the protocol refuses (bad input): carries MLflow's error code, and the
+    model's traceback when the model raised (sent only when ``server.stack_traces`` is on)."""
 
-    def __init__(self, message: str, error_code: str = "BAD_REQUEST") -> None:
+    def __init__(
+        self, message: str, error_code: str = "BAD_REQUEST", *, stack_trace: str | None = None
+    ) -> None:
         self.error_code = error_code
         self.message = bound(message)
+        self.stack_trace = stack_trace
         super().__init__(self.message)
 
 
@@ -34,9 +38,13 @@ def bound(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return message if len(message) <= limit else message[:limit] + f"... ({len(message)} chars)"
 
 
-def mlflow_error_body(error_code: str, message: str) -> bytes:
-    """MLflow's error envelope, ``{"error_code": ..., "message": ...}``."""
-    return orjson.dumps({"error_code": error_code, "message": bound(message)})
+def mlflow_error_body(error_code: str, message: str, stack_trace: str | None = None) -> bytes:
+    """MLflow's error envelope, ``{"error_code": ..., "message": ...}`` (and ``stack_trace``
+    when given, as MLflow's scoring server sends it)."""
+    body = {"error_code": error_code, "message": bound(message)}
+    if stack_trace is not None:
+        body["stack_trace"] = bound(stack_trace, 20_000)
+    return orjson.dumps(body)
 
 
 def oip_error_body(message: str) -> bytes:

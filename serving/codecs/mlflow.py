@@ -291,25 +291,26 @@ def numeric_layout(model: Any) -> tuple[Any, list[str]] | None:
 
 
 def encode(predictions: Any, *, unwrapped: bool = False) -> bytes:
-    """``{"predictions": ...}`` as MLflow writes it, but NaN and infinities become null."""
+    """``{"predictions": ...}`` as MLflow writes it (its own conversions: pandas as records,
+    pydantic models dumped, bytes in base64), but NaN and infinities become null (valid JSON)
+    and dict keys that are not strings are written as strings (MLflow would fail)."""
     from mlflow.utils.proto_json_utils import _get_jsonable_obj
 
     obj = _get_jsonable_obj(predictions, pandas_orient="records")
     payload = obj if unwrapped else {"predictions": obj}
-    return orjson.dumps(payload, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps(
+        payload, default=_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+    )
 
 
 def _default(value: Any) -> Any:
-    import numpy as np
+    """What orjson cannot write: MLflow's own NumpyEncoder conversions first (object arrays,
+    numpy scalars, bytes, dates, pydantic models), then anything list-like, then its text."""
+    from mlflow.utils.proto_json_utils import NumpyEncoder
 
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        import base64
-
-        return base64.b64encode(value).decode("ascii")
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
+    converted, ok = NumpyEncoder().try_convert(value)
+    if ok:
+        return converted
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)

@@ -32,6 +32,7 @@ from serving.codecs.base import (
     mlflow_error_body,
     oip_error_body,
 )
+from serving.http.keys import DAEMON
 from serving.runtime.dataplane import RouteNotFound
 
 log = logging.getLogger(__name__)
@@ -99,15 +100,25 @@ def classify(request: web.Request, exc: BaseException) -> tuple[int, str, str]:
 
 
 def error_response(request: web.Request, exc: BaseException, style: Style) -> web.Response:
-    """The response for ``exc`` in ``style``'s envelope."""
+    """The response for ``exc`` in ``style``'s envelope (MLflow's carries the model's
+    ``stack_trace`` when ``server.stack_traces`` is on)."""
     status, code, message = classify(request, exc)
-    body = oip_error_body(message) if style is Style.OIP else mlflow_error_body(code, message)
+    if style is Style.OIP:
+        body = oip_error_body(message)
+    else:
+        trace = getattr(exc, "stack_trace", None) if _stack_traces(request) else None
+        body = mlflow_error_body(code, message, trace)
     response = web.Response(status=status, body=body, content_type=JSON)
     if isinstance(exc, web.HTTPException):
         for name in _KEPT_HEADERS:
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
     return response
+
+
+def _stack_traces(request: web.Request) -> bool:
+    daemon = request.config_dict.get(DAEMON)
+    return bool(daemon and daemon.config.server.stack_traces)
 
 
 def envelope(status: int, message: str, error_code: str | None = None) -> web.Response:

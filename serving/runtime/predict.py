@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import traceback
 from typing import Any
 
 from serving.codecs.base import ModelMemo, ProtocolError, bound
@@ -37,15 +38,20 @@ def predict(
         direct = _direct_predict(model) if conformant and not params else None
         if direct is not None:
             return direct(data)
-        return model.predict(data, params=params) if params else model.predict(data)
+        # As MLflow's scoring server: params as parsed, {} included (a chat or agent model's
+        # request without any), None only when the request had none at all.
+        return model.predict(data) if params is None else model.predict(data, params=params)
     except MlflowException as exc:
-        raise ProtocolError(first_part(exc.message), error_code_of(exc)) from exc
+        raise ProtocolError(
+            first_part(exc.message), error_code_of(exc), stack_trace=traceback.format_exc()
+        ) from exc
     except Exception as exc:
         log.warning("predict raised %s: %s", type(exc).__name__, bound(str(exc), 300))
         raise ProtocolError(
             "Encountered an unexpected error while evaluating the model. Verify that the "
             f"input is compatible with the model for inference. Error: {type(exc).__name__}: "
             f"{bound(str(exc), 300)}",
+            stack_trace=traceback.format_exc(),
         ) from exc
 
 
