@@ -79,11 +79,13 @@ def warm_up(model: Any, example: dict[str, Any] | None, label: str) -> bool:
     # MLflow's own request parsing: a chat or agent model's example is a unified LLM request
     # (messages, prompt or input; params split out by the params schema), a type-hint model's
     # is {"inputs": ...}, the others a DataFrame or tensor form.
-    from mlflow.pyfunc.scoring_server import _parse_json_data
+    from mlflow.pyfunc import scoring_server
+
+    parse_json: Any = scoring_server._parse_json_data  # untyped in MLflow
 
     try:
         schema = model.metadata.get_input_schema()
-        parsed = _parse_json_data(example, model.metadata, schema)  # type: ignore[no-untyped-call]
+        parsed = parse_json(example, model.metadata, schema)
         data, params = parsed.data, parsed.params
         result = model.predict(data) if params is None else model.predict(data, params=params)
     except Exception as exc:
