@@ -221,3 +221,54 @@ async def test_non_string_keys_and_stack_traces(aiohttp_client, registry, cache_
         if traces:
             assert "ValueError: negative input" in body["stack_trace"]
         await client.close()
+
+
+def save_chat_agent(path):
+    import mlflow.pyfunc
+    from mlflow.types.agent import ChatAgentMessage, ChatAgentResponse
+
+    class EchoAgent(mlflow.pyfunc.ChatAgent):
+        def predict(self, messages, context=None, custom_inputs=None):
+            reply = ChatAgentMessage(
+                role="assistant", content=f"echo: {messages[-1].content}", id="1"
+            )
+            return ChatAgentResponse(messages=[reply], custom_outputs=custom_inputs)
+
+    mlflow.pyfunc.save_model(str(path), python_model=EchoAgent(), pip_requirements=[])
+    return path
+
+
+def save_responses_agent(path):
+    import mlflow.pyfunc
+    from mlflow.types.responses import ResponsesAgentResponse
+
+    class EchoResponses(mlflow.pyfunc.ResponsesAgent):
+        def predict(self, request):
+            text = request.input[-1].content
+            item = self.create_text_output_item(text=f"echo: {text}", id="1")
+            return ResponsesAgentResponse(output=[item])
+
+    mlflow.pyfunc.save_model(str(path), python_model=EchoResponses(), pip_requirements=[])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("save", "body"),
+    [
+        (save_chat_agent, {"messages": [{"role": "user", "content": "hi"}]}),
+        (
+            save_chat_agent,
+            {"messages": [{"role": "user", "content": "hi"}], "custom_inputs": {"k": 1}},
+        ),
+        (save_responses_agent, {"input": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+async def test_agents_answer_as_mlflow_does(
+    aiohttp_client, registry, cache_dir, tmp_path, save, body
+):
+    path = save(tmp_path / "agent")
+    client = await start(aiohttp_client, make_config(registry, cache_dir, f"agent={path}"))
+    model = loader.load_model(str(path), cache_dir=cache_dir)
+    for route in ("/invocations", "/models/agent/invocations"):
+        resp = await client.post(route, json=body)
+        assert (resp.status, await resp.json()) == mlflow_answer(model, body), route

@@ -4,6 +4,7 @@ multi-model routes (``/models``, ``/models/{name}``, ``/models/{name}/invocation
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
 
@@ -11,7 +12,9 @@ from loader.errors import ModelNotReady
 from serving.codecs.mlflow import JSON, MlflowCodec, check_content_type
 from serving.http.errors import Style, json_response
 from serving.http.keys import daemon_of
-from serving.http.predict import answer, prediction, serve_request
+from serving.http.predict import answer, prediction, serve_request, version_headers
+from serving.runtime.dataplane import Served
+from serving.runtime.streaming import Stream, streaming_request
 
 
 def add_routes(app: web.Application) -> None:
@@ -46,21 +49,47 @@ async def version(request: web.Request) -> web.Response:
 
 
 @prediction(Style.MLFLOW)
-async def invocations(request: web.Request) -> web.Response:
+async def invocations(request: web.Request) -> web.StreamResponse:
     return await _invoke(request, daemon_of(request).dataplane.default_route())
 
 
 @prediction(Style.MLFLOW)
-async def model_invocations(request: web.Request) -> web.Response:
+async def model_invocations(request: web.Request) -> web.StreamResponse:
     return await _invoke(request, request.match_info["name"])
 
 
-async def _invoke(request: web.Request, name: str) -> web.Response:
+async def _invoke(request: web.Request, name: str) -> web.StreamResponse:
     served = serve_request(request, name)  # one handle for the whole request
     mime = check_content_type(request.headers.get("Content-Type"))
     body = await request.read()
+    if mime == JSON and b'"stream"' in body:
+        document = await asyncio.to_thread(streaming_request, body)
+        if document is not None:
+            return await _stream(request, served, document)
     payload = await daemon_of(request).dataplane.predict(served, body, MlflowCodec(mime))
     return answer(request, served, payload)
+
+
+async def _stream(
+    request: web.Request, served: Served, document: dict[str, Any]
+) -> web.StreamResponse:
+    """``"stream": true``: the model's ``predict_stream`` as server-sent events. Until the
+    first chunk an error is an ordinary JSON error; after it, an error event."""
+    stream = Stream(served, document, timeout_s=daemon_of(request).config.server.request_timeout_s)
+    try:
+        first = await stream.first()
+        response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+        response.content_type = "text/event-stream"
+        version_headers(request, served, response)
+        await response.prepare(request)
+        if first is not None:
+            await response.write(first)
+        async for chunk in stream.rest():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        stream.close()  # the caller went away, or the stream ended: stop the generator
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -26,7 +26,7 @@ HEADER_ROUTE = "X-Model-Route"
 HEADER_STALE = "X-Model-Stale"
 HEADER_WORKER = "X-Modeld-Worker"
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def prediction(style: Style) -> Callable[[Handler], Handler]:
@@ -34,7 +34,7 @@ def prediction(style: Style) -> Callable[[Handler], Handler]:
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
-        async def wrapped(request: web.Request) -> web.Response:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
             daemon = daemon_of(request)
             label = request.match_info.get("name") or daemon.config.default_model or "default"
             track = daemon.metrics.track(label)
@@ -78,6 +78,12 @@ def serve_request(request: web.Request, name: str, *, version: str | None = None
 def answer(request: web.Request, served: Served, body: bytes) -> web.Response:
     """A prediction's response, with the headers saying which version answered."""
     response = web.Response(body=body, content_type="application/json")
+    version_headers(request, served, response)
+    return response
+
+
+def version_headers(request: web.Request, served: Served, response: web.StreamResponse) -> None:
+    """The headers saying which route and version answer (and whether stale, which worker)."""
     headers = response.headers
     headers[HEADER_ROUTE] = served.route
     headers[HEADER_NAME] = served.handle.version.name
@@ -86,4 +92,3 @@ def answer(request: web.Request, served: Served, body: bytes) -> web.Response:
         headers[HEADER_STALE] = "true"
     if daemon_of(request).config.server.workers > 1:
         headers[HEADER_WORKER] = str(os.getpid())
-    return response
