@@ -44,6 +44,7 @@ class InvalidModelURI(LoaderError):
         "models:/NAME@ALIAS",
         "models:/MODEL_ID (an MLflow 3 logged model, e.g. models:/m-...)",
         "runs:/RUN_ID/PATH",
+        "an artifact store URI (s3://, gs://, wasbs://, mlflow-artifacts:/, https://, ...)",
         "file:///ABSOLUTE/PATH",
         "a local directory path",
     )

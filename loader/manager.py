@@ -43,7 +43,7 @@ from loader.policy import (
 )
 from loader.pyfunc import PyFuncLoader, warm_up
 from loader.registry import ModelVersion
-from loader.uri import ModelRef, parse_uri
+from loader.uri import ModelRef, RefKind, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -465,9 +465,10 @@ class ModelManager:
             started = time.perf_counter()
             answers = self.source.resolve_many(set(refs.values()), known=known)
             self.last_poll_at = self.clock()
-            down = any(
+            down = any(  # the registry's (an artifact store's outage shows on its route)
                 isinstance(a, RegistryUnavailable) or (isinstance(a, Resolution) and a.stale)
-                for a in answers.values()
+                for ref, a in answers.items()
+                if ref.kind is not RefKind.ARTIFACT
             )
             if down and any(r.ref.is_remote for r in routes):
                 now = self.clock()

@@ -105,7 +105,12 @@ class ModelSource:
             except RegistryUnavailable as exc:
                 out.update({ref: self._recall(ref, exc) for ref in remote})
         for ref, answer in answers.items():
-            out[ref] = answer if isinstance(answer, LoaderError) else Resolution(ref, answer)
+            if isinstance(answer, RegistryUnavailable):  # one artifact store down
+                out[ref] = self._recall(ref, answer)
+            elif isinstance(answer, LoaderError):
+                out[ref] = answer
+            else:
+                out[ref] = Resolution(ref, answer)
         return out
 
     def remember(self, ref: ModelRef, version: ModelVersion) -> None:
@@ -134,7 +139,7 @@ class ModelSource:
     def _recall(self, ref: ModelRef, exc: RegistryUnavailable) -> Resolution | LoaderError:
         remembered = self.cache.recall(self.registry.identity, ref.uri)
         if remembered is None or self.cache.lookup(self.cache.key(remembered)) is None:
-            return RegistryUnavailable(self.registry.identity, exc.reason, uri=ref.uri)
+            return RegistryUnavailable(exc.registry, exc.reason, uri=ref.uri)
         return Resolution(ref, remembered, stale=True)  # the manager says so, once an outage
 
     # -- prepare ------------------------------------------------------------------------------

@@ -26,6 +26,18 @@ READY = "READY"
 #: Files read before the weights, so a strict dependency refusal costs almost nothing.
 METADATA_FILES = ("MLmodel", "requirements.txt", "python_env.yaml", "conda.yaml")
 _PAGE_SIZE = 1000
+#: A model directory with more files than this is listed no further (its revision then covers
+#: those listed).
+_MAX_LISTED_FILES = 10_000
+#: The pip package each artifact store's client comes in, by the module MLflow imports.
+_STORE_PACKAGES = {
+    "boto3": "boto3",
+    "botocore": "boto3",
+    "google": "google-cloud-storage",
+    "azure": "azure-storage-blob azure-identity",
+    "pyarrow": "pyarrow",
+    "pysftp": "pysftp",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +61,27 @@ class ModelVersion:
     #: keys the cache) and the name it was logged under.
     model_id: str | None = None
     logged_name: str | None = None
+    #: An artifact store URI: a digest of what the store lists there (paths and sizes), so a
+    #: changed model is a new version; part of the cache key.
+    revision: str | None = None
 
     @property
     def label(self) -> str:
-        """``name@version`` as used in log lines (a logged model: its id)."""
-        return self.model_id or f"{self.name}@{self.version}"
+        """``name@version`` as used in log lines (a logged model: its id; an artifact store
+        URI: its name and revision)."""
+        if self.model_id:
+            return self.model_id
+        if self.revision:
+            return f"{self.name}@{self.revision[:8]}"
+        return f"{self.name}@{self.version}"
 
     @property
     def cache_key(self) -> str:
         """Registry identity + name + version + source: two registries never collide."""
-        digest = hashlib.sha256(
-            "\x00".join((self.registry, self.name, str(self.version), self.source)).encode()
-        ).hexdigest()[:16]
+        parts = [self.registry, self.name, str(self.version), self.source]
+        if self.revision:
+            parts.append(self.revision)
+        digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
         return f"{self.version}-{digest}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +100,7 @@ class ModelVersion:
             "local_path": self.local_path,
             "model_id": self.model_id,
             "logged_name": self.logged_name,
+            "revision": self.revision,
         }
 
     @classmethod
@@ -98,6 +120,7 @@ class ModelVersion:
             local_path=data.get("local_path"),
             model_id=data.get("model_id"),
             logged_name=data.get("logged_name"),
+            revision=data.get("revision"),
         )
 
 
@@ -162,11 +185,16 @@ class Registry:
         out: dict[ModelRef, ModelVersion | LoaderError] = {}
         registry_refs = [r for r in refs if r.is_registry]
         for ref in refs:
-            if ref.kind is RefKind.MODEL_ID:
+            if ref.kind in (RefKind.MODEL_ID, RefKind.ARTIFACT):
                 try:  # a logged model never changes: asked once, then known
-                    out[ref] = known.get(ref) or self._logged_model(ref)
-                except RegistryUnavailable:
-                    raise
+                    if ref.kind is RefKind.MODEL_ID:
+                        out[ref] = known.get(ref) or self._logged_model(ref)
+                    else:  # a store's objects can: listed at each poll
+                        out[ref] = self._artifact_version(ref)
+                except RegistryUnavailable as exc:
+                    if ref.kind is RefKind.MODEL_ID:
+                        raise  # the tracking server: the registry's refs cannot be asked either
+                    out[ref] = exc  # one store down: that ref alone
                 except LoaderError as exc:
                     out[ref] = exc
             elif not ref.is_registry:
@@ -319,6 +347,59 @@ class Registry:
             logged_name=lm.name,
         )
 
+    def _artifact_version(self, ref: ModelRef) -> ModelVersion:
+        """A model directory at an artifact store URI as a version. Its revision is what the
+        store tells cheaply: the listing (paths and sizes, one call per directory) and the
+        digest of its small MLmodel file (which MLflow writes anew, with a new model_uuid, at
+        every save), so a re-saved model is a new version, fetched, checked, loaded and
+        swapped like a registry's."""
+        store = _store_identity(ref.uri)
+        try:
+            files = self._call(self._list_files, ref.uri)
+            if "MLmodel" not in files:
+                name = _artifact_name(ref)
+                have = ", ".join(sorted(files)[:10]) or "nothing"
+                raise ModelNotFound(name, "MLmodel file", detail=f"{ref.uri} holds {have}")
+            mlmodel = self._call(self._read_file, ref.uri, "MLmodel")
+        except RegistryUnavailable as exc:  # the store is what could not be reached
+            raise RegistryUnavailable(store, exc.reason) from exc
+        listing = "\n".join(f"{path}\x00{size}" for path, size in sorted(files.items()))
+        listing += "\n" + hashlib.sha256(mlmodel).hexdigest()
+        return ModelVersion(
+            registry=store,
+            name=_artifact_name(ref),
+            version=1,
+            source=ref.uri,
+            revision=hashlib.sha256(listing.encode()).hexdigest()[:16],
+        )
+
+    def _list_files(self, uri: str) -> dict[str, int]:
+        """Every file under ``uri`` with its size, through MLflow's artifact repository."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        repo = get_artifact_repository(uri, tracking_uri=self.tracking_uri)
+        files: dict[str, int] = {}
+        pending: list[str | None] = [None]
+        while pending and len(files) < _MAX_LISTED_FILES:
+            directory = pending.pop()
+            for info in repo.list_artifacts(directory):
+                if info.is_dir:
+                    pending.append(info.path)
+                else:
+                    files[info.path] = int(info.file_size or 0)
+        return files
+
+    def _read_file(self, uri: str, path: str) -> bytes:
+        """One small file of the model directory at ``uri``."""
+        import tempfile
+
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        repo: Any = get_artifact_repository(uri, tracking_uri=self.tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="modeld-mlmodel-") as tmp:
+            local = repo.download_artifacts(path, dst_path=tmp)
+            return Path(local).read_bytes()
+
     def _highest_ready(self, name: str, stage: str | None) -> Any:
         versions = self._call(
             self.client.search_model_versions, filter_string=f"name = '{name}'", max_results=1000
@@ -395,8 +476,10 @@ class Registry:
         """
         from mlflow.artifacts import download_artifacts
 
-        if version.model_id is not None or (
-            version.source.startswith("runs:/") and version.name.startswith("run-")
+        if (
+            version.model_id is not None
+            or version.revision is not None
+            or (version.source.startswith("runs:/") and version.name.startswith("run-"))
         ):
             base = version.source  # a logged model's artifact location, or the run's own URI
         else:
@@ -447,6 +530,13 @@ class Registry:
             raise _map_mlflow_error(self.identity, exc, missing) from exc
         except (ConnectionError, TimeoutError) as exc:
             raise RegistryUnavailable(self.identity, f"{type(exc).__name__}: {exc}") from exc
+        except ImportError as exc:  # an artifact store whose client library is not installed
+            module = (exc.name or "").split(".")[0]
+            package = _STORE_PACKAGES.get(module, module or "its client library")
+            raise RegistryError(
+                f"this artifact store needs {package}, which is not installed: "
+                f"pip install {package}"
+            ) from exc
         except OSError:
             raise  # local files (a vanished source, a full disk): the cache reports those
         except Exception as exc:
@@ -485,8 +575,25 @@ def _looks_like_connection_error(exc: BaseException) -> bool:
         "unable to open database",
         "status code 50",
         "Name or service not known",
+        "Could not connect to the endpoint URL",  # botocore: an S3 store down
+        "Failed to establish a new connection",
     )
     return any(m in text for m in markers)
+
+
+def _store_identity(uri: str) -> str:
+    """An artifact store's identity: scheme and host (or bucket), without credentials."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(_redact(uri))
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _artifact_name(ref: ModelRef) -> str:
+    """A name for an artifact store URI (its last path part) with a short digest of the URI,
+    so two stores' ``model`` directories never share a cache folder."""
+    last = (ref.path or "").rstrip("/").rsplit("/", 1)[-1] or "model"
+    return f"{last}-{hashlib.sha256(ref.uri.encode()).hexdigest()[:8]}"
 
 
 def _short(value: object, limit: int = 300) -> str:

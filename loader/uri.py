@@ -15,6 +15,12 @@ from enum import StrEnum
 
 from loader.errors import InvalidModelURI
 
+#: Artifact stores MLflow has a repository for: a model directory at such a URI is served as it
+#: is, downloaded through MLflow's own repository (its client library must be installed).
+ARTIFACT_SCHEMES = (
+    "mlflow-artifacts", "s3", "gs", "wasbs", "abfss", "r2", "b2", "dbfs", "hdfs", "viewfs",
+    "http", "https", "ftp", "sftp",
+)  # fmt: skip
 #: MLflow's stages, matched case-insensitively as MLflow's resolver does.
 STAGES = ("None", "Staging", "Production", "Archived")
 _STAGE_BY_LOWER = {s.lower(): s for s in STAGES}
@@ -27,6 +33,7 @@ class RefKind(StrEnum):
     STAGE = "stage"
     ALIAS = "alias"
     MODEL_ID = "model_id"
+    ARTIFACT = "artifact"
     RUN = "run"
     PATH = "path"
 
@@ -52,9 +59,9 @@ class ModelRef:
 
     @property
     def is_remote(self) -> bool:
-        """Resolved by asking the tracking server (so a start with it down needs the cache's
-        memory): registry refs and MLflow 3 logged models."""
-        return self.is_registry or self.kind is RefKind.MODEL_ID
+        """Resolved by asking a server (so a start with it down needs the cache's memory):
+        registry refs, MLflow 3 logged models and artifact store URIs."""
+        return self.is_registry or self.kind in (RefKind.MODEL_ID, RefKind.ARTIFACT)
 
     @property
     def is_movable(self) -> bool:
@@ -106,8 +113,12 @@ def parse_uri(uri: object) -> ModelRef:
         return _parse_runs(uri)
     if sep and scheme.lower() == "file":
         return _parse_file(uri)
+    if sep and scheme.lower() in ARTIFACT_SCHEMES:
+        return _parse_artifact(uri, scheme.lower())
     if sep and len(scheme) > 1 and scheme.replace("+", "").replace("-", "").isalnum():
-        raise InvalidModelURI(uri, f"unsupported scheme {scheme!r}")
+        raise InvalidModelURI(
+            uri, f"unsupported scheme {scheme!r} (artifact stores: {', '.join(ARTIFACT_SCHEMES)})"
+        )
     return ModelRef(uri=uri, kind=RefKind.PATH, path=os.path.abspath(os.path.expanduser(uri)))
 
 
@@ -173,6 +184,17 @@ def _parse_runs(uri: str) -> ModelRef:
     if not path or any(p in ("", ".", "..") for p in path.split("/")):
         raise InvalidModelURI(uri, f"bad artifact path {path!r} (no empty, '.' or '..' parts)")
     return ModelRef(uri=uri, kind=RefKind.RUN, run_id=run_id, path=path)
+
+
+def _parse_artifact(uri: str, scheme: str) -> ModelRef:
+    parsed = urllib.parse.urlparse(uri)
+    if scheme != "mlflow-artifacts" and not parsed.netloc:
+        raise InvalidModelURI(uri, f"a {scheme}:// URI names its bucket or host first")
+    if "?" in uri or "#" in uri:
+        raise InvalidModelURI(uri, "query strings and fragments are not allowed")
+    if any(part in (".", "..") for part in parsed.path.split("/")):
+        raise InvalidModelURI(uri, "'.' and '..' are not allowed in the path")
+    return ModelRef(uri=uri, kind=RefKind.ARTIFACT, path=parsed.path.rstrip("/"))
 
 
 def _parse_file(uri: str) -> ModelRef:

@@ -123,6 +123,8 @@ class MlflowServer:
                 f"sqlite:///{self.db}",
                 "--default-artifact-root",
                 str(self.artifacts),
+                "--artifacts-destination",  # mlflow-artifacts:/ URIs land here
+                str(self.artifacts / "served"),
                 "--host",
                 "127.0.0.1",
                 "--port",

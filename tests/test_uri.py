@@ -19,6 +19,10 @@ from loader import InvalidModelURI, RefKind, parse_uri
         # MLflow's own parser reads it)
         ("models:/m-0123abcd", RefKind.MODEL_ID, {"model_id": "m-0123abcd", "name": None}),
         ("models:/iris", RefKind.MODEL_ID, {"model_id": "iris"}),
+        # an artifact store: served through MLflow's own repository for the scheme
+        ("s3://bucket/models/iris", RefKind.ARTIFACT, {"path": "/models/iris"}),
+        ("mlflow-artifacts:/shared/iris", RefKind.ARTIFACT, {"path": "/shared/iris"}),
+        ("wasbs://c@acct.blob.core.windows.net/m", RefKind.ARTIFACT, {"path": "/m"}),
         ("runs:/abc123/model", RefKind.RUN, {"run_id": "abc123", "path": "model"}),
         ("runs:/abc123/sub/model/", RefKind.RUN, {"run_id": "abc123", "path": "sub/model"}),
         ("file:///srv/models/iris", RefKind.PATH, {"path": "/srv/models/iris"}),
@@ -73,7 +77,7 @@ def test_movable_and_registry_flags():
         "runs:/ab-c/model",
         "file://host/path",
         "file:relative",
-        "s3://bucket/model",
+        "s3:///model",
         "x" * 5000,
         None,
         42,
