@@ -272,3 +272,103 @@ async def test_agents_answer_as_mlflow_does(
     for route in ("/invocations", "/models/agent/invocations"):
         resp = await client.post(route, json=body)
         assert (resp.status, await resp.json()) == mlflow_answer(model, body), route
+
+
+def mlflow_error(model, body: bytes) -> str:
+    """The message `mlflow models serve` answers for a bad body (its own scoring function)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc.scoring_server import invocations
+
+    try:
+        answer = invocations(body, "application/json", model, model.metadata.get_input_schema())
+    except MlflowException as exc:
+        return exc.message
+    return answer.response
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"dataframe_split": ', "Ensure that input is a valid JSON formatted string"),
+        (b"[1, 2]", "The input must be a JSON dictionary with exactly one of the input fields"),
+        (
+            b'{"inputs": [[1, 2, 3, 4]], "instances": [[1, 2, 3, 4]]}',
+            "The input must be a JSON dictionary with exactly one of the input fields",
+        ),
+        (
+            b'{"dataframe_split": {"columns": ["sepal length (cm)"], "data": [[99.5]]}}',
+            "Model is missing inputs",
+        ),
+    ],
+)
+async def test_error_wording_is_mlflows_without_the_callers_data(
+    aiohttp_client, registry, cache_dir, body, words
+):
+    client = await start(aiohttp_client, make_config(registry, cache_dir, "models:/iris/2"))
+    resp = await client.post(
+        "/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 400
+    ours = (await resp.json())["message"]
+    model = loader.load_model(str(registry.models["const2"]), cache_dir=cache_dir)
+    assert words in ours and words in mlflow_error(model, body), ours
+    assert "99.5" not in ours
+
+
+def save_type_hint_models(root):
+    """Pyfuncs whose signature comes from Python type hints, as MLflow 3 infers them."""
+    import mlflow.pyfunc
+
+    class Upper(mlflow.pyfunc.PythonModel):
+        def predict(self, model_input: list[str], params=None) -> list[str]:
+            return [s.upper() for s in model_input]
+
+    class Totals(mlflow.pyfunc.PythonModel):
+        def predict(self, model_input: list[dict[str, int]], params=None) -> list[int]:
+            return [sum(row.values()) * 2 for row in model_input]
+
+    paths = {}
+    for name, model, example in (
+        ("upper", Upper(), ["a", "b"]),
+        ("totals", Totals(), [{"x": 1, "y": 2}]),
+    ):
+        path = root / name
+        mlflow.pyfunc.save_model(
+            str(path), python_model=model, pip_requirements=[], input_example=example
+        )
+        paths[name] = path
+    return paths
+
+
+async def test_type_hint_models_answer_as_mlflow_does(
+    aiohttp_client, registry, cache_dir, tmp_path
+):
+    paths = save_type_hint_models(tmp_path)
+    config = make_config(registry, cache_dir, *(f"{n}={p}" for n, p in paths.items()))
+    client = await start(aiohttp_client, config)
+    cases = [
+        ("upper", {"inputs": ["hello", "world"]}),
+        ("totals", {"inputs": [{"a": 3, "b": 4}, {"c": 5}]}),
+        ("upper", {"inputs": [1, 2]}),  # not strings: refused the same way
+        ("upper", {"dataframe_split": {"columns": ["a"], "data": [["x"]]}}),  # needs inputs
+    ]
+    for name, body in cases:
+        model = loader.load_model(str(paths[name]), cache_dir=cache_dir)
+        resp = await client.post(f"/models/{name}/invocations", json=body)
+        ours = await resp.json()
+        try:
+            status, theirs = mlflow_answer(model, body)
+        except Exception as exc:  # MLflow raises its errors: the server turns them into 400s
+            status, theirs = 400, {"message": str(getattr(exc, "message", exc))}
+        assert resp.status == status, (name, body, ours, theirs)
+        if status == 200:
+            assert ours == theirs, (name, body)
+        else:  # the same sentence, without the data MLflow quotes
+            mine, their = ours["message"], theirs["message"]
+            assert (
+                mine.split("'")[0].split(".")[0].strip()
+                == their.split("'")[0].split(".")[0].strip()
+            ), mine
+            if "Error:" in their:
+                assert their.split("Error:")[1].split(",")[0] in mine, (mine, their)
+            assert "Expected type str, but got int" not in mine

@@ -155,13 +155,16 @@ def _decode_json(body: bytes, model: Any, schema: Any) -> Decoded:
     from mlflow.pyfunc.scoring_server import _parse_json_data
 
     if not body.strip():
-        raise ProtocolError(_required_format("the body is empty"))
+        raise ProtocolError(_required_format("Received an empty body."))
     try:
         document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"invalid JSON: {exc}") from None
+    except orjson.JSONDecodeError as exc:  # MLflow's words; the position, not the input
+        raise ProtocolError(
+            f"Ensure that input is a valid JSON formatted string. Error: '{exc}'"
+        ) from None
     if not isinstance(document, dict):
-        raise ProtocolError(_required_format(f"received a JSON {type(document).__name__}"))
+        kind = "a list" if isinstance(document, list) else f"a JSON {type(document).__name__}"
+        raise ProtocolError(_required_format(f"Received {kind}."))
     params = document.get("params")
     if params is not None and not isinstance(params, dict):
         raise ProtocolError(
@@ -171,7 +174,9 @@ def _decode_json(body: bytes, model: Any, schema: Any) -> Decoded:
         )
     present = [k for k in FORMAT_KEYS if k in document]
     if len(present) > 1:
-        raise ProtocolError(_required_format(f"received several: {', '.join(present)}"))
+        raise ProtocolError(
+            _required_format(f"Received dictionary with input fields: {sorted(present)}")
+        )
     fast = _numeric_matrix(document, model)
     if fast is not None:
         matrix, columns = fast
@@ -326,10 +331,10 @@ def _utf8(body: bytes) -> str:
 
 
 def _required_format(detail: str) -> str:
-    return (
-        "The input must be a JSON object with exactly one of the input fields "
-        f"{', '.join(FORMAT_KEYS)} (and optionally params); {detail}"
-    )
+    """MLflow's own sentence for a body without exactly one input field, then ``detail``."""
+    from mlflow.pyfunc.scoring_server import REQUIRED_INPUT_FORMAT
+
+    return f"{REQUIRED_INPUT_FORMAT}. {detail}"
 
 
 def error_code_of(exc: Any) -> str:
@@ -349,4 +354,6 @@ def first_part(message: str) -> str:
     head, tail = _DATA_QUOTED
     if message.startswith(head) and tail in message:
         message = "Failed to enforce schema of data with schema '" + message.split(tail, 1)[1]
+    if ", invalid elements: " in message:  # a type-hint check lists the caller's values
+        message = message.split(", invalid elements: ", 1)[0] + ": some elements do not match it"
     return message.strip()

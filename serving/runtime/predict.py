@@ -41,9 +41,11 @@ def predict(
         # As MLflow's scoring server: params as parsed, {} included (a chat or agent model's
         # request without any), None only when the request had none at all.
         return model.predict(data) if params is None else model.predict(data, params=params)
-    except MlflowException as exc:
+    except MlflowException as exc:  # MLflow's words, without the data it quotes
         raise ProtocolError(
-            first_part(exc.message), error_code_of(exc), stack_trace=traceback.format_exc()
+            f"Failed to predict data. \nError: {first_part(exc.message)}",
+            error_code_of(exc),
+            stack_trace=traceback.format_exc(),
         ) from exc
     except Exception as exc:
         log.warning("predict raised %s: %s", type(exc).__name__, bound(str(exc), 300))
