@@ -331,3 +331,19 @@ async def test_a_405_says_which_methods_are_allowed(iris):
         resp = await iris.get(path)
         assert resp.status == 405 and resp.headers["Allow"] == "POST", path
         assert set(await resp.json()) in ({"error_code", "message"}, {"error"})
+
+
+async def test_an_inflated_body_is_bounded_by_max_body_bytes(aiohttp_client, registry, cache_dir):
+    """A small gzip body that inflates past server.max_body_bytes is a 413, like a large one."""
+    import gzip
+
+    config = make_config(registry, cache_dir, "models:/iris/2", server__max_body_bytes=100_000)
+    client = await start(aiohttp_client, config)
+    bomb = gzip.compress(b'{"inputs": [' + b"0, " * 1_000_000 + b"0]}")
+    assert len(bomb) < 100_000
+    resp = await client.post(
+        "/invocations",
+        data=bomb,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert resp.status == 413 and (await resp.json())["error_code"] == "REQUEST_LIMIT_EXCEEDED"
