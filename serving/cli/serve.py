@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -76,7 +78,20 @@ def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
         routes = ", ".join(f"{m.name}={m.uri}" for m in config.models)
         log.info("modeld listening on %s serving %s", address, routes)
 
+    async def reload_on_hangup(app: web.Application) -> None:
+        """SIGHUP re-reads the config, as daemons do (it used to kill modeld at once)."""
+        from serving.app import DAEMON
+
+        daemon = app[DAEMON]
+
+        def hangup() -> None:
+            log.info("SIGHUP: reloading the config")
+            daemon.spawn(daemon.reload_config())
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
+
     app.on_startup.append(announce)
+    app.on_startup.append(reload_on_hangup)
     web.run_app(
         app,
         **where,

@@ -44,6 +44,8 @@ _MLFLOW_TYPE_TO_DATATYPE = {
     "datetime": "BYTES",
 }
 MAX_ELEMENTS = 50_000_000
+#: NumPy's own limit is 64; no model input has more than a handful.
+MAX_DIMENSIONS = 32
 
 
 def tensor_specs(schema: Any) -> list[dict[str, Any]]:
@@ -103,7 +105,10 @@ class OipCodec(Codec):
         self.request_id = rid if isinstance(rid, str) else None
         outputs = document.get("outputs")
         if isinstance(outputs, list):
-            self.requested = [o.get("name") for o in outputs if isinstance(o, dict)]
+            names = [o.get("name") if isinstance(o, dict) else None for o in outputs]
+            if not all(isinstance(n, str) and n for n in names):
+                raise ProtocolError("each of 'outputs' must be an object with a string 'name'")
+            self.requested = names
         params = document.get("parameters")
         params = (
             {k: v for k, v in params.items() if k != "content_type"}
@@ -172,6 +177,13 @@ def _tensor(item: Any, binary: bytes, offset: int) -> tuple[str, Any, int]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMENSIONS:
+        raise ProtocolError(
+            f"input {name!r}: a shape of {len(shape)} dimensions (at most {MAX_DIMENSIONS})"
+        )
+    parameters = item.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise ProtocolError(f"input {name!r}: 'parameters' must be an object")
     if datatype not in _NUMPY_BY_DATATYPE:
         raise ProtocolError(
             f"input {name!r}: datatype {datatype!r} is not one of {', '.join(_NUMPY_BY_DATATYPE)}",
@@ -180,7 +192,7 @@ def _tensor(item: Any, binary: bytes, offset: int) -> tuple[str, Any, int]:
     if count > MAX_ELEMENTS:
         raise ProtocolError(f"input {name!r} has {count} elements")
     dtype = _NUMPY_BY_DATATYPE[datatype]
-    size = (item.get("parameters") or {}).get("binary_data_size")
+    size = (parameters or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or offset + size > len(binary):
             raise ProtocolError(f"input {name!r}: binary_data_size exceeds the binary part")

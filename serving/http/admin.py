@@ -152,7 +152,9 @@ async def webhook(request: web.Request) -> web.Response:
     expected = hmac.new(
         admin.webhook_secret.encode(), f"{delivery}.{stamp}.{payload}".encode(), hashlib.sha256
     ).digest()
-    if not hmac.compare_digest(base64.b64encode(expected).decode(), signature[3:]):
+    if not hmac.compare_digest(
+        base64.b64encode(expected), signature[3:].encode("utf-8", "surrogateescape")
+    ):
         return envelope(401, "webhook signature does not match admin.webhook_secret")
     if abs(time.time() - int(stamp)) > admin.webhook_max_age_s:
         return envelope(401, f"webhook timestamp is more than {admin.webhook_max_age_s:.0f}s off")

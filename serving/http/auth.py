@@ -11,8 +11,9 @@ from aiohttp import web
 def bearer_matches(request: web.Request, token: str) -> bool:
     """Constant-time check of ``Authorization: Bearer <token>``."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    # A header's bytes that are not UTF-8 arrive as surrogates: compare them as the bytes sent.
     return scheme.lower() == "bearer" and hmac.compare_digest(
-        value.strip().encode(), token.encode()
+        value.strip().encode("utf-8", "surrogateescape"), token.encode()
     )
 
 

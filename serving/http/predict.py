@@ -25,6 +25,8 @@ HEADER_VERSION = "X-Model-Version"
 HEADER_ROUTE = "X-Model-Route"
 HEADER_STALE = "X-Model-Stale"
 HEADER_WORKER = "X-Modeld-Worker"
+#: The metrics label of every request for a route that is not served (bounded cardinality).
+UNKNOWN_ROUTE = "(unknown)"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -37,6 +39,8 @@ def prediction(style: Style) -> Callable[[Handler], Handler]:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             daemon = daemon_of(request)
             label = request.match_info.get("name") or daemon.config.default_model or "default"
+            if label not in daemon.dataplane.names():  # labels come from configured routes only
+                label = UNKNOWN_ROUTE
             track = daemon.metrics.track(label)
             status, answered = 500, False
             try:

@@ -45,7 +45,9 @@ def supervise(argv: Sequence[str], workers: int, *, drain_timeout_s: float) -> i
 
     def spawn(index: int) -> None:
         procs[index] = subprocess.Popen(
-            [sys.executable, "-m", "serving", *argv], env={**env, WORKER_ENV: str(index + 1)}
+            [sys.executable, "-m", "serving", *argv],
+            env={**env, WORKER_ENV: str(index + 1)},
+            preexec_fn=_die_with_parent,
         )
         log.info("worker %d started (pid %d)", index + 1, procs[index].pid)
 
@@ -58,8 +60,15 @@ def supervise(argv: Sequence[str], workers: int, *, drain_timeout_s: float) -> i
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
+    def hangup(signum: int, _frame: object) -> None:
+        log.info("SIGHUP: every worker reloads the config")
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)
     for index in range(workers):
         spawn(index)
     deadline = None
@@ -106,6 +115,17 @@ def supervise(argv: Sequence[str], workers: int, *, drain_timeout_s: float) -> i
         shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("all workers stopped")
     return 0
+
+
+def _die_with_parent() -> None:
+    """In a worker, before it runs: SIGTERM when the supervisor dies (even by SIGKILL), so no
+    worker serves on unsupervised (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _mark_dead(pid: int, directory: str) -> None:

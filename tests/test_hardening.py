@@ -1,0 +1,144 @@
+"""Hardening: bounded metrics labels, 4xx for odd protocol input, signals that behave."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, iris_frame, make_config, split_payload, start, wait_http
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_unknown_routes_share_one_metrics_label(aiohttp_client, registry, cache_dir):
+    """5,000 requests for random names grew /metrics to 31 MB (a label per name)."""
+    config = make_config(registry, cache_dir, "models:/iris/2", server__token="t")
+    client = await start(aiohttp_client, config)
+    for i in range(300):
+        resp = await client.post(f"/models/random-{i}/invocations", json={})
+        assert resp.status in (401, 404)
+    text = await (await client.get("/metrics")).text()
+    assert "random-" not in text and 'model="(unknown)"' in text
+    ok = await client.post(
+        "/models/iris/invocations",
+        json=split_payload(iris_frame(1)),
+        headers={"Authorization": "Bearer t"},
+    )
+    assert ok.status == 200
+    assert 'model="iris"' in await (await client.get("/metrics")).text()
+
+
+async def test_odd_protocol_input_is_a_4xx(aiohttp_client, registry, cache_dir):
+    config = make_config(
+        registry, cache_dir, "models:/iris/2", server__token="t", admin__webhook_secret="s"
+    )
+    client = await start(aiohttp_client, config)
+    # a bearer token whose bytes are not UTF-8
+    resp = await client.post(
+        "/invocations", data=b"{}", headers={"Authorization": "Bearer \udcff\udcfe".encode(
+            "utf-8", "surrogateescape").decode("latin-1"), "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert resp.status == 401
+    # a webhook signature that is not ASCII
+    hook = await client.post(
+        "/admin/webhooks/mlflow",
+        data=b"{}",
+        headers={
+            "X-MLflow-Delivery-Id": "d1",
+            "X-MLflow-Timestamp": str(int(time.time())),
+            "X-MLflow-Signature": "v1,é" + base64.b64encode(b"x").decode(),
+        },
+    )
+    assert hook.status == 401
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
+    auth = {"Authorization": "Bearer t"}
+    for body in (
+        {"inputs": [{**x, "shape": [1] * 65, "data": [1.0]}]},  # more dimensions than NumPy has
+        {"inputs": [x], "outputs": [{"name": 7}]},
+        {"inputs": [x], "outputs": [{"name": ["a"]}]},
+        {"inputs": [{**x, "parameters": ["binary_data_size", 4]}]},
+    ):
+        resp = await client.post("/v2/models/iris/infer", json=body, headers=auth)
+        assert resp.status == 400, (body, await resp.text())
+        assert set(await resp.json()) == {"error"}
+
+
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_sighup_reloads_instead_of_killing(registry, tmp_path):
+    port = free_port()
+    config = tmp_path / "modeld.toml"
+    config.write_text('[[models]]\nname = "a"\nuri = "models:/iris/2"\n')
+    proc = _serve("--config", str(config), "--port", str(port), "--cache-dir",
+                  str(tmp_path / "cache"), env={"MLFLOW_TRACKING_URI": registry.uri})  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+        assert proc.poll() is None  # SIGHUP used to kill modeld at once
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "SIGHUP: reloading the config" in err
+
+
+@pytest.mark.slow
+def test_a_dead_supervisor_takes_its_workers_with_it(registry, tmp_path):
+    port = free_port()
+    proc = _serve("--workers", "2", "--port", str(port), "-m", "models:/iris/2", "--cache-dir",
+                  str(tmp_path / "cache"), env={"MLFLOW_TRACKING_URI": registry.uri})  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
+        children = _children(proc.pid)
+        assert len(children) == 2, children
+        os.kill(proc.pid, signal.SIGKILL)  # the supervisor dies without a word
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in children), "workers serve on unsupervised"
+    finally:
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
