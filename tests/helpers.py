@@ -218,6 +218,17 @@ def split_body(rows: int = 1) -> bytes:
 POLL_S = 0.2
 
 
+def through(server: MlflowServer, poll_interval_s: float | None = POLL_S) -> dict[str, Any]:
+    """``make_config`` overrides that reach the registry through a real ``mlflow server``."""
+    overrides: dict[str, Any] = {
+        "registry__tracking_uri": server.url,
+        "registry__registry_uri": server.url,
+    }
+    if poll_interval_s is not None:
+        overrides["registry__poll_interval_s"] = poll_interval_s
+    return overrides
+
+
 def make_config(registry: Any, cache_dir: Path, *models: str, **overrides: Any) -> Any:
     """A daemon config over the test registry; ``section__key=value`` overrides."""
     from serving.config import load_config

@@ -15,6 +15,7 @@ from tests.helpers import (
     run,
     split_payload,
     start,
+    through,
 )
 
 
@@ -83,7 +84,7 @@ async def test_a_logged_model_starts_offline_from_the_cache(
     server.start()
     try:
         info, _ = await run(log_iris, tmp_path, 6, server.url)
-        overrides = {"registry__tracking_uri": server.url, "registry__registry_uri": server.url}
+        overrides = through(server, poll_interval_s=None)
         config = make_config(registry, cache_dir, info.model_uri, **overrides)
         online = await start(aiohttp_client, config)
         resp = await online.post("/invocations", json=split_payload(iris_frame(1)))

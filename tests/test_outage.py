@@ -19,6 +19,7 @@ from tests.helpers import (
     served,
     split_payload,
     start,
+    through,
     until,
 )
 
@@ -32,11 +33,7 @@ async def test_outage_keeps_serving_then_catches_up_and_restarts_offline(
     register(c, name, registry.models["const1"], stage="Production")
     server = MlflowServer(registry.db, tmp_path / "art", tmp_path / "server.log")
     server.start()
-    overrides = {
-        "registry__tracking_uri": server.url,
-        "registry__registry_uri": server.url,
-        "registry__poll_interval_s": POLL_S,
-    }
+    overrides = through(server)
     config = make_config(registry, cache_dir, f"models:/{name}/Production", **overrides)
     client = await start(aiohttp_client, config)
     payload = split_payload(iris_frame(1))

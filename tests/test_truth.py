@@ -29,6 +29,7 @@ from tests.helpers import (
     split_body,
     split_payload,
     start,
+    through,
     until,
     wait_http,
 )
@@ -133,11 +134,7 @@ async def test_stale_means_could_not_ask_not_an_empty_answer(
     register(c, name, registry.models["const1"], stage="Staging")
     server = MlflowServer(registry.db, tmp_path / "art", tmp_path / "server.log")
     server.start()
-    overrides = {
-        "registry__tracking_uri": server.url,
-        "registry__registry_uri": server.url,
-        "registry__poll_interval_s": POLL_S,
-    }
+    overrides = through(server)
     config = make_config(registry, cache_dir, f"models:/{name}/Staging", **overrides)
     first = await start(aiohttp_client, config)
     await first.close()
@@ -381,11 +378,7 @@ async def test_a_problem_stays_shown_through_an_outage_and_the_outage_is_one_lin
         c.set_registered_model_alias(name, "live", "1")
     server = MlflowServer(registry.db, tmp_path / "art", tmp_path / "server.log")
     server.start()
-    overrides = {
-        "registry__tracking_uri": server.url,
-        "registry__registry_uri": server.url,
-        "registry__poll_interval_s": 0.05,
-    }
+    overrides = through(server, poll_interval_s=0.05)
     config = make_config(
         registry,
         cache_dir,
