@@ -19,11 +19,46 @@ bad value, and what to do about it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
+
+#: What a secret looks like inside an error text: a URL's user:password, a token= or
+#: password= parameter, an Authorization header's value.
+_SECRETS = (
+    (re.compile(r"(?P<keep>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@"), r"\g<keep>***@"),
+    (re.compile(r"(?P<keep>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]+@"), r"\g<keep>***@"),
+    (
+        re.compile(
+            r"(?P<keep>\b(?:token|access_token|password|secret|sig|signature|key)=)[^&\s'\"]+",
+            re.IGNORECASE,
+        ),
+        r"\g<keep>***",
+    ),
+    (
+        re.compile(
+            r"(?P<keep>\bAuthorization['\"]?\s*[:=]\s*['\"]?)[^'\",}\s]+(?:\s+[^'\",}\s]+)?",
+            re.IGNORECASE,
+        ),
+        r"\g<keep>***",
+    ),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` without the credentials an error from MLflow or a client library may carry
+    (userinfo in URLs, token/password parameters, Authorization values). Every error string
+    that leaves the process goes through it: status routes, log lines."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class LoaderError(Exception):
-    """Base class of every error raised by :mod:`loader`."""
+    """Base class of every error raised by :mod:`loader`; its message never carries a
+    credential (see :func:`redact`), whatever text it was built from."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(LoaderError):

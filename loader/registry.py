@@ -14,7 +14,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loader.errors import LoaderError, ModelNotFound, RegistryError, RegistryUnavailable
+from loader.errors import (
+    LoaderError,
+    ModelNotFound,
+    RegistryError,
+    RegistryUnavailable,
+    redact,
+)
 from loader.uri import ModelRef, RefKind
 
 if TYPE_CHECKING:
@@ -597,7 +603,9 @@ def _artifact_name(ref: ModelRef) -> str:
 
 
 def _short(value: object, limit: int = 300) -> str:
+    """The first line of an error, bounded and without credentials."""
     text = str(value).strip().splitlines()[0] if str(value).strip() else repr(value)
+    text = redact(text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

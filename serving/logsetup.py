@@ -8,7 +8,23 @@ from datetime import UTC, datetime
 
 import orjson
 
+from loader.errors import redact
+
 LOG_FORMATS = ("text", "json")
+
+
+class RedactingFilter(logging.Filter):
+    """Every line leaves without credentials: the message and its traceback are redacted
+    (MLflow's and urllib3's texts carry the registry's URL, userinfo included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,7 +38,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = record.exc_text or self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
 
 
@@ -36,6 +52,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
                 "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
             )
         )
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

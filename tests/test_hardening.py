@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -142,3 +143,62 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_registry_credentials_never_leave_in_an_outage(tmp_path, log_format):
+    """MLflow's error text carries the registry URL, userinfo included: with the registry down
+    it reached /health, /ping, /models, / and the logs (only the identity was redacted)."""
+    secret = "Pw-7731-secret"
+    port, dead = free_port(), free_port()
+    uri = f"http://alice:{secret}@127.0.0.1:{dead}"
+    proc = _serve("-m", "models:/iris/2", "--port", str(port), "--cache-dir",
+                  str(tmp_path / "cache"), "--log-format", log_format,
+                  env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
+                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
+    seen = ""
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "unreachable" not in seen:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    pass
+            except urllib.error.HTTPError as exc:  # 503 while nothing can load
+                seen = exc.read().decode()
+                time.sleep(0.2)
+            except OSError:
+                time.sleep(0.2)
+        assert "unreachable" in seen, seen
+        for path in ("/ping", "/models", "/models/iris", "/", "/metrics"):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                    seen += r.read().decode()
+            except urllib.error.HTTPError as exc:
+                seen += exc.read().decode()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert secret not in seen and secret not in err, (seen[:500], err[-2000:])
+    assert "unreachable" in err  # the outage is still reported, only the secret is gone
+
+
+@pytest.mark.parametrize(
+    ("text", "clean"),
+    [
+        (
+            "API request to http://alice:PW@h:9/api failed",
+            "API request to http://***@h:9/api failed",
+        ),
+        ("https://tok@host/x", "https://***@host/x"),
+        ("GET /x?token=abc&y=1", "GET /x?token=***&y=1"),
+        ("{'Authorization': 'Bearer abc.def'}", "{'Authorization': '***'}"),
+        ("Authorization: Basic YWxpY2U6cHc=", "Authorization: ***"),
+        ("http://host:9/path and user@example.com", "http://host:9/path and user@example.com"),
+    ],
+)
+def test_redact_table(text, clean):
+    from loader.errors import RegistryError, redact
+
+    assert redact(text) == clean
+    assert str(RegistryError(text)) == clean  # every loader error is built redacted

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from loader.api import make_source
-from loader.errors import ModelNotReady
+from loader.errors import ModelNotReady, redact
 from loader.manager import ModelManager
 from serving.config import (
     Config,
@@ -76,7 +76,7 @@ class Daemon:
             try:
                 manager = await self.in_load_pool(self._build_manager)
             except Exception as exc:  # the server keeps answering probes with the reason
-                self.start_error = f"{type(exc).__name__}: {exc}"
+                self.start_error = redact(f"{type(exc).__name__}: {exc}")
                 log.exception("modeld could not start its model pipeline")
                 return
             self.manager = self.dataplane.manager = manager
