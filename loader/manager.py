@@ -380,6 +380,10 @@ class ModelManager:
     def names(self) -> list[str]:
         return list(self._routes)
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a route (one dict lookup: the predict path asks it)."""
+        return name in self._routes
+
     def routes(self) -> list[Route]:
         return list(self._routes.values())
 

@@ -302,9 +302,13 @@ def encode(predictions: Any, *, unwrapped: bool = False) -> bytes:
     from mlflow.utils.proto_json_utils import _get_jsonable_obj
 
     obj = _get_jsonable_obj(predictions, pandas_orient="records")
-    payload = obj if unwrapped else {"predictions": obj}
+    return to_json(obj if unwrapped else {"predictions": obj})
+
+
+def to_json(obj: Any) -> bytes:
+    """A model's output as JSON bytes, the way every answer (and stream chunk) is written."""
     return orjson.dumps(
-        payload, default=_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+        obj, default=_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
     )
 
 

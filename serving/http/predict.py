@@ -39,7 +39,7 @@ def prediction(style: Style) -> Callable[[Handler], Handler]:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             daemon = daemon_of(request)
             label = request.match_info.get("name") or daemon.config.default_model or "default"
-            if label not in daemon.dataplane.names():  # labels come from configured routes only
+            if not daemon.dataplane.serves(label):  # labels come from configured routes only
                 label = UNKNOWN_ROUTE
             track = daemon.metrics.track(label)
             status, answered = 500, False

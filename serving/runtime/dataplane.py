@@ -69,11 +69,16 @@ class DataPlane:
             return self.manager.names()
         return [m.name for m in self.config.models]
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a route (asked per request: no list is built)."""
+        if self.manager is not None:
+            return self.manager.serves(name)
+        return any(m.name == name for m in self.config.models)
+
     def require(self, name: str) -> None:
         """Raises :class:`RouteNotFound` naming the served routes unless ``name`` is one."""
-        names = self.names()
-        if name not in names:
-            served = ", ".join(names) or "none"
+        if not self.serves(name):
+            served = ", ".join(self.names()) or "none"
             raise RouteNotFound(f"no model named {name[:100]!r}; served models: {served}")
 
     def default_route(self) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from serving.codecs.base import ProtocolError, bound
-from serving.codecs.mlflow import _default, first_part
+from serving.codecs.mlflow import first_part, to_json
 from serving.runtime.dataplane import Served
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,7 @@ def event(data: Any) -> bytes:
     """One server-sent event carrying ``data`` as JSON."""
     if hasattr(data, "to_dict"):  # MLflow's chat chunks
         data = data.to_dict()
-    payload = orjson.dumps(
-        data, default=_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-    )
-    return b"data: " + payload + b"\n\n"
+    return b"data: " + to_json(data) + b"\n\n"
 
 
 def error_event(message: str) -> bytes:
