@@ -12,10 +12,12 @@ from __future__ import annotations
 from loader.api import default_cache_dir, load_model, make_source
 from loader.cache import CacheEntry, ModelCache
 from loader.deps import DependencyPolicy, DependencyReport, Mismatch, check_model_dir
+from loader.envs import EnvInfo, EnvSpec, EnvStore, model_environment
 from loader.errors import (
     CacheError,
     ConfigError,
     DependencyMismatch,
+    EnvBuildError,
     InvalidModelURI,
     LoaderError,
     ModelLoadError,
@@ -23,7 +25,9 @@ from loader.errors import (
     ModelNotReady,
     RegistryError,
     RegistryUnavailable,
+    WorkerUnavailable,
 )
+from loader.isolated import IsolatedModel
 from loader.live import LiveModel
 from loader.manager import ModelHandle, ModelManager
 from loader.pipeline import ModelInfo, ModelSource, Prepared, Resolution
@@ -38,6 +42,11 @@ __all__ = [
     "DependencyMismatch",
     "DependencyPolicy",
     "DependencyReport",
+    "EnvBuildError",
+    "EnvInfo",
+    "EnvSpec",
+    "EnvStore",
+    "IsolatedModel",
     "InvalidModelURI",
     "LiveModel",
     "LoaderError",
@@ -58,6 +67,8 @@ __all__ = [
     "Registry",
     "RegistryError",
     "RegistryUnavailable",
+    "WorkerUnavailable",
+    "model_environment",
     "Resolution",
     "check_model_dir",
     "default_cache_dir",

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from loader.cache import ModelCache, Verify
-from loader.deps import DependencyPolicy, Match, Policy
+from loader.deps import ENV_MANAGERS, DependencyPolicy, Match, Policy
+from loader.envs import BUILD_TIMEOUT_S, EnvStore
 from loader.errors import ConfigError, LoaderError
 from loader.pipeline import ModelSource
 from loader.pyfunc import import_ahead_of_mlflow
@@ -48,6 +49,13 @@ class SourceOptions:
         max_cache_bytes: size limit with least-recently-used eviction (None: none).
         keep_versions: versions of each model kept on disk (None: all).
         snapshots: keep a pickle of each loaded model beside it (10-40x faster loads).
+        env_manager: ``mlflow models serve``'s ``--env-manager``: ``uv`` or ``virtualenv``
+            run every version in its own environment (dependency_policy ``isolate_always``),
+            ``local`` in this process; None leaves ``dependency_policy`` as given.
+        env_build_timeout_s: a build of an environment taking longer fails.
+        env_max_bytes: disk budget of the environments (None: none).
+        env_parallel_builds: environment builds at once on this node.
+        env_pythons: extra Python interpreters (paths or globs) environments may use.
     """
 
     cache_dir: str | None = None
@@ -60,6 +68,11 @@ class SourceOptions:
     max_cache_bytes: int | None = None
     keep_versions: int | None = None
     snapshots: bool = True
+    env_manager: str | None = None
+    env_build_timeout_s: float = BUILD_TIMEOUT_S
+    env_max_bytes: int | None = None
+    env_parallel_builds: int = 1
+    env_pythons: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, options: SourceOptions | None = None, **fields: Any) -> SourceOptions:
@@ -72,8 +85,14 @@ class SourceOptions:
         unknown = sorted(set(fields) - set(known))
         if unknown:
             raise ConfigError(unknown[0], fields[unknown[0]], f"one of the options {known}")
-        if "dependency_ignore" in fields:
-            fields["dependency_ignore"] = tuple(fields["dependency_ignore"])
+        for name in ("dependency_ignore", "env_pythons"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        manager = fields.get("env_manager")
+        if manager is not None and manager not in ENV_MANAGERS:
+            raise ConfigError(
+                "env_manager", manager, f"one of {sorted(ENV_MANAGERS)} (conda is not supported)"
+            )
         if fields.get("cache_dir") is not None:
             fields["cache_dir"] = os.fspath(fields["cache_dir"])
         return dataclasses.replace(options or cls(), **fields)
@@ -81,6 +100,13 @@ class SourceOptions:
     @property
     def cache_root(self) -> Path:
         return Path(self.cache_dir or DEFAULT_CACHE_DIR).expanduser()
+
+    @property
+    def policy(self) -> Policy:
+        """The dependency policy, with ``env_manager`` applied."""
+        if self.env_manager is None:
+            return self.dependency_policy
+        return ENV_MANAGERS[self.env_manager]  # type: ignore[return-value]
 
 
 def default_cache_dir() -> Path:
@@ -101,12 +127,17 @@ def make_source(options: SourceOptions | None = None, **fields: Any) -> ModelSou
     import_ahead_of_mlflow()
     from mlflow import MlflowClient
 
-    policy = DependencyPolicy(
-        opts.dependency_policy, opts.dependency_match, tuple(opts.dependency_ignore)
-    )
+    policy = DependencyPolicy(opts.policy, opts.dependency_match, tuple(opts.dependency_ignore))
     client = MlflowClient(tracking_uri=opts.tracking_uri, registry_uri=opts.registry_uri)
     cache = ModelCache(
         opts.cache_root, max_bytes=opts.max_cache_bytes, keep_versions=opts.keep_versions
+    )
+    envs = EnvStore(
+        opts.cache_root / "envs",
+        build_timeout_s=opts.env_build_timeout_s,
+        max_bytes=opts.env_max_bytes,
+        parallel_builds=opts.env_parallel_builds,
+        pythons=opts.env_pythons,
     )
     return ModelSource(
         Registry(client),
@@ -114,6 +145,7 @@ def make_source(options: SourceOptions | None = None, **fields: Any) -> ModelSou
         dependency_policy=policy,
         verify=opts.verify,
         snapshots=opts.snapshots,
+        envs=envs,
     )
 
 
@@ -124,10 +156,14 @@ def load_model(
     verified disk cache.
 
     ``options`` are :class:`SourceOptions` fields (``cache_dir``, ``dependency_policy``,
-    ``tracking_uri``...). The result is the pyfunc model with ``model.modeld`` describing where
-    it came from (name, version, source, cache path, dependency report, stale flag). Loading the
-    same version twice in one process returns the same object. With the registry unreachable, a
-    ref loaded before is served from the cache and marked stale.
+    ``tracking_uri``, ``env_manager``...). With ``env_manager="uv"`` (or a dependency policy
+    of ``isolate`` and a mismatch) the model's calls run in a worker process of its own
+    environment, built from its requirements and cached beside it (``model.close()`` stops the
+    worker; so does dropping the model). The result is the pyfunc model with ``model.modeld``
+    describing where it came from (name, version, source, cache path, dependency report,
+    environment, stale flag). Loading the same version twice in one process returns the same
+    object. With the registry unreachable, a ref loaded before is served from the cache and
+    marked stale.
 
     Raises:
         InvalidModelURI: ``uri`` is malformed (the message lists the accepted forms).
@@ -135,6 +171,8 @@ def load_model(
         ModelNotFound: no such model, version, alias, or nothing READY in that stage.
         RegistryUnavailable: the registry is down and the cache has no copy for ``uri``.
         DependencyMismatch: ``dependency_policy="strict"`` and the environment does not match.
+        EnvBuildError: its isolated environment could not be built (no Python of its version
+            here, or uv failed).
         CacheError, ModelLoadError: the files could not be cached or loaded.
     """
     ref = parse_uri(uri)
@@ -155,8 +193,9 @@ def load_model(
     with _lock:
         model = _models.get(identity)
     if model is None:
+        env = source.environment(prepared)
         model = source.load(
-            prepared, uri=ref.uri, stale=resolution.stale, model_config=model_config
+            prepared, uri=ref.uri, stale=resolution.stale, model_config=model_config, env=env
         )
         with _lock:
             model = _models.setdefault(identity, model)

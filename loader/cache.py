@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import Any, Literal
 import diskcache
 
 from loader.errors import CacheError, ConfigError
+from loader.files import flock, remove_tree
 from loader.registry import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 Verify = Literal["size", "full", "none"]
 VERIFY_MODES = ("size", "full", "none")
 LOCK_TIMEOUT_S = 600.0
-_LOCK_POLL_S = 0.05
 _HASH_CHUNK = 1 << 20
 #: How long an index operation waits for another process's sqlite lock.
 INDEX_TIMEOUT_S = 10.0
@@ -236,13 +235,13 @@ class ModelCache:
             }
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if final.exists():
-                _remove_tree(final)
+                remove_tree(final)
             # Record first, rename second: a record without a directory is a miss; a directory
             # without a matching record is never served and gets replaced.
             self._index.set(_ikey(key, meta), record)
             os.replace(tmp, final)
         except OSError as exc:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             self._index.delete(_ikey(key, meta))
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise CacheError(
@@ -251,7 +250,7 @@ class ModelCache:
                 ) from exc
             raise CacheError(f"cannot cache {version.label} in {self.root}: {exc}") from exc
         except BaseException:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise
         what = "metadata of " if meta else ""
         log.info("cached %s%s (%d files, %d bytes)", what, version.label, len(files), total)
@@ -413,7 +412,7 @@ class ModelCache:
 
     def _discard(self, key: str, *, meta: bool) -> None:
         self._index.delete(_ikey(key, meta))
-        _remove_tree(self.path(key, meta=meta))
+        remove_tree(self.path(key, meta=meta))
 
     def verify(self, *, full: bool = True) -> dict[str, str | None]:
         """Check every entry; discard damaged ones. Returns key -> problem (None when fine)."""
@@ -451,7 +450,7 @@ class ModelCache:
             if pid == os.getpid() or pid_alive(pid):
                 continue
             log.info("removing an interrupted download: %s", tmp.name)
-            _remove_tree(tmp)
+            remove_tree(tmp)
 
 
 def _ikey(key: str, meta: bool) -> tuple[str, str]:
@@ -481,7 +480,7 @@ def _diskcache(path: Path) -> diskcache.Cache:
 
 def _rebuild(path: Path, exc: Exception) -> diskcache.Cache:
     log.warning("cache index at %s is unreadable (%s): rebuilding it empty", path, exc)
-    _remove_tree(path)
+    remove_tree(path)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return _diskcache(path)
 
@@ -586,24 +585,14 @@ def _check(root: Path, files: dict[str, Any], verify: Verify) -> str | None:
 
 @contextlib.contextmanager
 def _flock(path: Path, mode: int, timeout_s: float, key: str) -> Iterator[None]:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CacheError(
-                        f"timed out after {timeout_s:.0f}s waiting for the lock on {key}: another "
-                        "process holds it; raise cache.lock_timeout_s if downloads are slow"
-                    ) from None
-                time.sleep(_LOCK_POLL_S)
+    def timed_out() -> Exception:
+        return CacheError(
+            f"timed out after {timeout_s:.0f}s waiting for the lock on {key}: another "
+            "process holds it; raise cache.lock_timeout_s if downloads are slow"
+        )
+
+    with flock(path, mode, time.monotonic() + timeout_s, timed_out):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def pid_alive(pid: int) -> bool:
@@ -617,15 +606,3 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a file or tree; move it aside first so a crash never leaves half of it in place."""
-    if not path.exists() and not path.is_symlink():
-        return
-    trash = path.with_name(f".trash-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
-        os.replace(path, trash)
-    except OSError:
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)

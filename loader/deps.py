@@ -26,9 +26,12 @@ from loader.errors import ConfigError, DependencyMismatch
 
 log = logging.getLogger(__name__)
 
-Policy = Literal["strict", "warn", "ignore"]
+Policy = Literal["strict", "warn", "ignore", "isolate", "isolate_always"]
 Match = Literal["exact", "minor", "major"]
-POLICIES = ("strict", "warn", "ignore")
+POLICIES = ("strict", "warn", "ignore", "isolate", "isolate_always")
+#: ``--env-manager`` (``mlflow models serve``'s flag) as a policy: ``local`` is today's
+#: in-process serving; ``uv`` and ``virtualenv`` give every version its own environment.
+ENV_MANAGERS = {"local": "warn", "uv": "isolate_always", "virtualenv": "isolate_always"}
 MATCHES = ("exact", "minor", "major")
 _RELEASE_PARTS = {"exact": None, "minor": 2, "major": 1}
 #: MLmodel flavor keys whose version field names a PyPI distribution.
@@ -111,13 +114,24 @@ class DependencyPolicy:
             raise ConfigError("dependency_ignore", self.ignore, "a list of package names")
         object.__setattr__(self, "ignore", tuple(canonicalize_name(p) for p in self.ignore))
 
+    def isolates(self, report: DependencyReport) -> bool:
+        """Whether a version with this report runs in its own environment."""
+        return self.policy == "isolate_always" or (self.policy == "isolate" and not report.ok)
+
     def enforce(self, label: str, report: DependencyReport) -> None:
         """Apply the policy to a report.
 
         Raises:
             DependencyMismatch: policy is ``strict`` and the report has mismatches.
         """
-        if report.ok or self.policy == "ignore":
+        if report.ok or self.policy in ("ignore", "isolate_always"):
+            return
+        if self.policy == "isolate":
+            log.info(
+                "%s dependency mismatch: serving it from its own environment (%s)",
+                label,
+                "; ".join(str(m) for m in report.mismatches),
+            )
             return
         if self.policy == "strict":
             raise DependencyMismatch(label, report.mismatches)
@@ -237,7 +251,8 @@ def _same_release(have: Version, need: Version, match: Match) -> bool:
     return (have.release + (0, 0, 0))[:parts] == (need.release + (0, 0, 0))[:parts]
 
 
-def _read_lines(path: Path) -> Iterable[str]:
+def requirement_lines(path: Path) -> list[str]:
+    """A requirements file's lines without comments and blanks (options kept)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
@@ -245,9 +260,16 @@ def _read_lines(path: Path) -> Iterable[str]:
     lines = []
     for raw in text.splitlines():
         line = raw.split(" #", 1)[0].strip()
-        if line and not line.startswith(("#", "-")) and "://" not in line:
+        if line and not line.startswith("#"):
             lines.append(line)
     return lines
+
+
+def _read_lines(path: Path) -> Iterable[str]:
+    """The requirements themselves: no options (``-c``, ``-r``), no URLs."""
+    return [
+        line for line in requirement_lines(path) if not line.startswith("-") and "://" not in line
+    ]
 
 
 def _mlmodel_pins(path: Path) -> list[tuple[str, str, str]]:

@@ -139,12 +139,22 @@ class DependencyMismatch(LoaderError):
         lines = "; ".join(str(m) for m in self.mismatches)
         super().__init__(
             f"{model} refused by the strict dependency policy: {lines}. Install the versions the "
-            "model needs, add the packages to the ignore list, or use policy 'warn'"
+            "model needs, add the packages to the ignore list, or use policy 'isolate' (its own "
+            "environment) or 'warn'"
         )
 
 
 class ModelLoadError(LoaderError):
     """mlflow.pyfunc could not load the model, or its warm-up prediction failed."""
+
+
+class EnvBuildError(LoaderError):
+    """A model's isolated environment could not be found, built or verified (step ``env``)."""
+
+
+class WorkerUnavailable(LoaderError):
+    """An isolated model's worker process died or is restarting: the call was not answered
+    (the daemon answers 503; the worker is restarted with backoff)."""
 
 
 class ModelNotReady(LoaderError):

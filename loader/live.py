@@ -35,7 +35,8 @@ class LiveModel:
         retry_base_s: first wait before retrying a rejected version (doubling after).
         model_config: passed to ``mlflow.pyfunc.load_model(model_config=)`` for each version.
         options: :class:`~loader.api.SourceOptions` fields (``cache_dir``,
-            ``dependency_policy``, ``tracking_uri``...); ``keep_versions`` defaults to 3 here,
+            ``dependency_policy``, ``tracking_uri``, ``env_manager="uv"`` to run every version
+            in its own environment...); ``keep_versions`` defaults to 3 here,
             as in the daemon: the least recently used versions of the model beyond it are
             evicted from disk when a new one arrives.
 

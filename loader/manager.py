@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from loader.deps import DependencyReport
+from loader.deps import POLICIES, DependencyReport, Policy
+from loader.envs import EnvInfo
 from loader.errors import (
     ConfigError,
     DependencyMismatch,
@@ -32,6 +33,7 @@ from loader.errors import (
     ModelNotReady,
     RegistryUnavailable,
 )
+from loader.isolated import IsolatedModel
 from loader.pipeline import ModelSource, Prepared, Resolution
 from loader.policy import (
     SWAP_POLICIES,
@@ -126,6 +128,8 @@ class RouteSpec:
     #: ``mlflow.pyfunc.load_model(model_config=...)``: what ``mlflow models serve`` takes from
     #: ``SERVING_MODEL_CONFIG``.
     model_config: dict[str, Any] | None = field(default=None, hash=False)
+    #: This route's dependency policy (None: the pipeline's), e.g. ``isolate`` for one model.
+    dependency_policy: Policy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +152,9 @@ class RouteStatus:
     last_swap_at: float | None
     rejected: tuple[Rejection, ...]
     history: tuple[Rejection, ...] = ()
+    #: The isolated environment serving (None: in this process), and its worker's state.
+    environment: EnvInfo | None = None
+    worker: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
@@ -189,6 +196,8 @@ class RouteStatus:
             "last_swap_at": self.last_swap_at,
             "rejected": [r.to_dict() for r in self.rejected],
             "history": [r.to_dict() for r in self.history],
+            "environment": self.environment.to_dict() if self.environment else None,
+            "env_worker": self.worker,
         }
 
 
@@ -592,11 +601,14 @@ class ModelManager:
             self._unload(route)
         lease = contextlib.ExitStack()
         try:
-            prepared = self._step("fetch", lambda: self.source.prepare(version))
+            policy = self.source.policy_for(route.spec.dependency_policy)
+            prepared = self._step("fetch", lambda: self.source.prepare(version, policy=policy))
             if prepared.cache_key is not None:
                 lease.enter_context(self.source.cache.lease(prepared.cache_key))
+            # Its own bound (environments.build_timeout_s): a build is not a hung load.
+            env = self._step("env", lambda: self.source.environment(prepared, policy=policy))
             model, load_s, warmup_s = self._bounded(
-                lambda: self._load_and_warm(route, prepared, answer), version.label
+                lambda: self._load_and_warm(route, prepared, answer, env), version.label
             )
         except _StepFailed as failed:
             lease.close()
@@ -658,14 +670,18 @@ class ModelManager:
             raise _StepFailed(step, exc) from exc
 
     def _load_and_warm(
-        self, route: Route, prepared: Prepared, answer: Resolution
+        self, route: Route, prepared: Prepared, answer: Resolution, env: EnvInfo | None
     ) -> tuple[Any, float, float]:
         started = time.perf_counter()
         spec = route.spec
         model = self._step(
             "load",
             lambda: self.source.load(
-                prepared, uri=route.ref.uri, stale=answer.stale, model_config=spec.model_config
+                prepared,
+                uri=route.ref.uri,
+                stale=answer.stale,
+                model_config=spec.model_config,
+                env=env,
             ),
         )
         load_s = time.perf_counter() - started
@@ -745,9 +761,14 @@ class ModelManager:
             route.lease = None
 
     def close(self) -> None:
+        """Unload every route; isolated models' workers stop now (a swapped-out version's
+        stops with its last request)."""
         with self._refresh_lock:
             for route in self._routes.values():
+                model = route.handle.model if route.handle else None
                 self._unload(route)
+                if isinstance(model, IsolatedModel):
+                    model.close()
 
     # -- status -------------------------------------------------------------------------------
 
@@ -792,6 +813,10 @@ def _checked_spec(
     spec = RouteSpec(name, ref.uri, **options)
     if spec.swap not in SWAP_POLICIES:
         raise ConfigError(f"models.{name}.swap", spec.swap, " | ".join(SWAP_POLICIES))
+    if spec.dependency_policy is not None and spec.dependency_policy not in POLICIES:
+        raise ConfigError(
+            f"models.{name}.dependency_policy", spec.dependency_policy, " | ".join(POLICIES)
+        )
     if spec.model_config is not None and not isinstance(spec.model_config, dict):
         raise ConfigError(f"models.{name}.model_config", spec.model_config, "a table (dict)")
     return spec, ref
@@ -805,6 +830,7 @@ def _options(spec: RouteSpec) -> dict[str, Any]:
 
 def _route_status(route: Route) -> RouteStatus:
     handle = route.handle
+    model = handle.model if handle else None
     state = "loaded" if handle else ("failed" if route.rejections or route.problem else "loading")
     return RouteStatus(
         name=route.name,
@@ -823,4 +849,6 @@ def _route_status(route: Route) -> RouteStatus:
         last_swap_at=route.last_swap_at,
         rejected=tuple(route.rejections.values()),
         history=tuple(route.history),
+        environment=getattr(getattr(model, "modeld", None), "environment", None),
+        worker=model.worker if isinstance(model, IsolatedModel) else None,
     )

@@ -7,6 +7,7 @@ all go through it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import time
@@ -19,9 +20,11 @@ from loader.cache import CacheEntry, ModelCache, Verify
 from loader.deps import (
     DependencyPolicy,
     DependencyReport,
+    Policy,
     check_model_dir,
     environment_fingerprint,
 )
+from loader.envs import EnvInfo, EnvStore, model_environment
 from loader.errors import LoaderError, RegistryUnavailable
 from loader.pyfunc import PyFuncLoader
 from loader.registry import METADATA_FILES, ModelVersion, Registry
@@ -64,6 +67,8 @@ class ModelInfo:
     stale: bool = False
     loaded_at: float = field(default_factory=time.time)
     model_version: ModelVersion | None = None
+    #: The isolated environment the model runs in (None: in this process).
+    environment: EnvInfo | None = None
 
 
 class ModelSource:
@@ -77,8 +82,14 @@ class ModelSource:
         dependency_policy: DependencyPolicy | None = None,
         verify: Verify = "size",
         snapshots: bool = True,
+        envs: EnvStore | None = None,
+        start_timeout_s: float | None = None,
     ) -> None:
         self.snapshots = snapshots
+        #: Where isolated environments are built (under the cache root unless given).
+        self.envs = envs if envs is not None else EnvStore(cache.root / "envs")
+        #: How long an isolated model's worker may take to load it (None: the default).
+        self.start_timeout_s = start_timeout_s
         self.registry = registry
         self.cache = cache
         self.policy = dependency_policy or DependencyPolicy()
@@ -144,7 +155,13 @@ class ModelSource:
 
     # -- prepare ------------------------------------------------------------------------------
 
-    def prepare(self, version: ModelVersion) -> Prepared:
+    def policy_for(self, policy: Policy | None) -> DependencyPolicy:
+        """The pipeline's dependency policy, or the same with another ``policy`` (a route's)."""
+        if policy is None or policy == self.policy.policy:
+            return self.policy
+        return dataclasses.replace(self.policy, policy=policy)
+
+    def prepare(self, version: ModelVersion, *, policy: DependencyPolicy | None = None) -> Prepared:
         """Get ``version`` onto local disk; under the strict policy the dependencies are checked
         on the small metadata files before the weights come (other policies cannot refuse, so
         they skip that extra round trip).
@@ -153,31 +170,56 @@ class ModelSource:
             DependencyMismatch: the strict policy refuses the model (weights not downloaded).
             RegistryUnavailable, RegistryError, CacheError: the files could not be fetched.
         """
+        policy = policy or self.policy
         if version.local_path is not None:
             path = Path(version.local_path)
-            report = self._check(version, path)
+            report = self._check(version, path, policy)
             return Prepared(version, path, report, None, downloaded=False)
         key = self.cache.key(version)
         entry: CacheEntry | None = self.cache.lookup(key, verify=self.verify)
         if entry is None:
-            if self.policy.policy == "strict":  # may refuse: decide before the weights come
+            if policy.policy == "strict":  # may refuse: decide before the weights come
                 meta = self.cache.fetch_metadata(
                     version, lambda dst: self.registry.download(version, dst, files=METADATA_FILES)
                 )
-                self._check(version, meta.path)
+                self._check(version, meta.path, policy)
             entry = self.cache.fetch(
                 version, lambda dst: self.registry.download(version, dst), verify=self.verify
             )
-        report = self._check(version, entry.path, enforce=False)
+        report = self._check(version, entry.path, policy, enforce=False)
         return Prepared(version, entry.path, report, key, downloaded=entry.downloaded)
 
+    @staticmethod
     def _check(
-        self, version: ModelVersion, path: Path, *, enforce: bool = True
+        version: ModelVersion, path: Path, policy: DependencyPolicy, *, enforce: bool = True
     ) -> DependencyReport:
-        report = check_model_dir(path, self.policy)
+        report = check_model_dir(path, policy)
         if enforce:
-            self.policy.enforce(version.label, report)
+            policy.enforce(version.label, report)
         return report
+
+    # -- environment --------------------------------------------------------------------------
+
+    def environment(
+        self, prepared: Prepared, *, policy: DependencyPolicy | None = None
+    ) -> EnvInfo | None:
+        """The isolated environment ``prepared`` runs in under the policy (found or built),
+        None when it runs in this process.
+
+        Raises:
+            EnvBuildError: no Python of the model's version here, or the build failed.
+        """
+        if not (policy or self.policy).isolates(prepared.report):
+            return None
+        spec = model_environment(prepared.path)
+        if spec.skipped:
+            log.info(
+                "%s: conda packages not installed in its environment (uv installs pip "
+                "packages): %s",
+                prepared.version.label,
+                ", ".join(spec.skipped),
+            )
+        return self.envs.ensure(spec, prepared.path, prepared.version.label)
 
     # -- load ---------------------------------------------------------------------------------
 
@@ -188,17 +230,32 @@ class ModelSource:
         uri: str,
         stale: bool = False,
         model_config: dict[str, Any] | None = None,
+        env: EnvInfo | None = None,
     ) -> Any:
         """Load a prepared version with mlflow.pyfunc and attach :class:`ModelInfo`.
         ``model_config`` goes to ``mlflow.pyfunc.load_model(model_config=)`` (such a load
         neither reads nor writes a load snapshot: the snapshot holds the model as loaded
-        without one).
+        without one). With ``env`` (:meth:`environment`) the model is loaded by a worker
+        process of that environment (:class:`~loader.isolated.IsolatedModel`).
 
         Raises:
             ModelLoadError: mlflow could not load it.
         """
         started = time.perf_counter()
-        if model_config:
+        how = "mlflow"
+        if env is not None:
+            from loader.isolated import START_TIMEOUT_S, IsolatedModel
+
+            model = IsolatedModel(
+                prepared.path,
+                env,
+                label=prepared.version.label,
+                model_config=model_config,
+                start_timeout_s=self.start_timeout_s or START_TIMEOUT_S,
+                lease=self.envs.lease(env),
+            )
+            how = "isolated"
+        elif model_config:
             model, how = PyFuncLoader(prepared.path).load(model_config=model_config), "mlflow"
         else:
             model, how = self._load_fast(prepared)
@@ -213,13 +270,16 @@ class ModelSource:
             dependency_report=prepared.report,
             stale=stale,
             model_version=version,
+            environment=env,
         )
         log.info(
             "loaded %s in %.3fs from %s%s",
             version.label,
             time.perf_counter() - started,
             prepared.path,
-            " (snapshot)" if how == "snapshot" else "",
+            {"snapshot": " (snapshot)", "isolated": f" (environment {env and env.key})"}.get(
+                how, ""
+            ),
         )
         return model
 

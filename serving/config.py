@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from loader.api import SourceOptions
 from loader.cache import VERIFY_MODES
-from loader.deps import MATCHES, POLICIES
+from loader.deps import MATCHES, POLICIES, Policy
 from loader.manager import SWAP_POLICIES, RouteSpec, SwapPolicy
 from loader.uri import parse_uri
 
@@ -107,6 +107,14 @@ class DependenciesConfig:
 
 
 @dataclass(frozen=True)
+class EnvironmentsConfig:
+    build_timeout_s: float = 900.0
+    max_bytes: int = 0
+    parallel_builds: int = 1
+    pythons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     token: str = field(default="", repr=False)
     token_file: str = ""
@@ -123,6 +131,8 @@ class ModelConfig:
     warmup: bool = True
     warmup_payload: str = ""
     predict_threads: int = 0  # 0: server.predict_threads
+    #: This model's dependency policy ("" = dependencies.policy).
+    dependency_policy: str = ""
     #: ``mlflow.pyfunc.load_model(model_config=...)`` (a TOML table).
     model_config: dict[str, Any] | None = field(default=None, hash=False)
 
@@ -140,6 +150,7 @@ class ModelConfig:
             self.warmup,
             self.warmup_example,
             self.model_config,
+            cast(Policy, self.dependency_policy) or None,
         )
 
 
@@ -149,6 +160,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     dependencies: DependenciesConfig = field(default_factory=DependenciesConfig)
+    environments: EnvironmentsConfig = field(default_factory=EnvironmentsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     models: tuple[ModelConfig, ...] = ()
     path: str | None = None
@@ -164,7 +176,7 @@ class Config:
     def source_options(self) -> SourceOptions:
         """The pipeline this config describes (the daemon and the operator commands build
         theirs from the same settings)."""
-        c, d = self.cache, self.dependencies
+        c, d, e = self.cache, self.dependencies, self.environments
         return SourceOptions(
             cache_dir=c.dir or None,
             tracking_uri=self.registry.tracking_uri or None,
@@ -176,6 +188,10 @@ class Config:
             max_cache_bytes=c.max_bytes or None,
             keep_versions=c.keep_versions or None,
             snapshots=c.snapshots,
+            env_build_timeout_s=e.build_timeout_s,
+            env_max_bytes=e.max_bytes or None,
+            env_parallel_builds=e.parallel_builds,
+            env_pythons=e.pythons,
         )
 
     def route_specs(self) -> list[RouteSpec]:
@@ -207,6 +223,7 @@ _SECTIONS = {
     "registry": RegistryConfig,
     "cache": CacheConfig,
     "dependencies": DependenciesConfig,
+    "environments": EnvironmentsConfig,
     "admin": AdminConfig,
 }
 
@@ -361,6 +378,7 @@ def _models(
             "warmup": (item.get("warmup", True), bool),
             "warmup_payload": (item.get("warmup_payload", ""), str),
             "predict_threads": (item.get("predict_threads", 0), int),
+            "dependency_policy": (item.get("dependency_policy", ""), str),
             "model_config": (item.get("model_config", {}), dict),
         }
         bad = [
@@ -383,6 +401,7 @@ def _models(
                 item.get("warmup", True),
                 item.get("warmup_payload", ""),
                 item.get("predict_threads", 0),
+                item.get("dependency_policy", ""),
                 item.get("model_config") or None,
             )
         )
@@ -481,6 +500,13 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(f"dependencies.policy = {d.policy!r}: expected one of {POLICIES}")
     if d.match not in MATCHES:
         problems.append(f"dependencies.match = {d.match!r}: expected one of {MATCHES}")
+    e = config.environments
+    if e.build_timeout_s <= 0:
+        problems.append(f"environments.build_timeout_s = {e.build_timeout_s}: expected > 0")
+    if e.max_bytes < 0:
+        problems.append(f"environments.max_bytes = {e.max_bytes}: expected >= 0 (0: no limit)")
+    if e.parallel_builds < 1:
+        problems.append(f"environments.parallel_builds = {e.parallel_builds}: expected >= 1")
     seen: set[str] = set()
     for i, m in enumerate(config.models):
         where = f"models[{i}] ({m.name})"
@@ -500,6 +526,11 @@ def _validate(config: Config, problems: list[str]) -> None:
             )
         if m.swap not in SWAP_POLICIES:
             problems.append(f"{where}.swap = {m.swap!r}: expected one of {SWAP_POLICIES}")
+        if m.dependency_policy and m.dependency_policy not in POLICIES:
+            problems.append(
+                f"{where}.dependency_policy = {m.dependency_policy!r}: expected one of "
+                f'{POLICIES}, or "" for dependencies.policy'
+            )
         if m.warmup_payload:
             try:
                 ok = isinstance(json.loads(m.warmup_payload), dict)

@@ -161,8 +161,8 @@ def test_mlflow_models_serve_command_line_is_accepted(capsys):
     assert [m.uri for m in config.models] == ["models:/iris/1"]
     s = config.server
     assert (s.host, s.port, s.request_timeout_s, s.workers) == ("0.0.0.0", 5001, 12.0, 2)
-    assert main(["serve", "-m", "models:/iris/1", "--env-manager", "virtualenv"]) == 2
-    assert "--env-manager 'virtualenv': modeld builds no environments" in capsys.readouterr().err
+    assert main(["serve", "-m", "models:/iris/1", "--env-manager", "conda"]) == 2
+    assert "--env-manager 'conda': expected local, uv or virtualenv" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:  # `-h` alone still asks for help
         main(["serve", "-h"])
     assert done.value.code == 0 and "-h HOST, --host HOST" in capsys.readouterr().out

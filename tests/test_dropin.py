@@ -45,11 +45,29 @@ def test_mlflow_serving_variables_are_flag_defaults_and_flags_win():
     assert "MLFLOW_MODELS_WORKERS = 'two': expected a whole number" in str(info.value)
 
 
-def test_install_mlflow_is_accepted_and_other_env_managers_say_why():
-    config_from_args(args("-m", "models:/iris/1", "--install-mlflow", "--env-manager", "local"), {})
+def test_env_managers_mean_what_they_mean_to_mlflow_and_conda_says_why():
+    local = config_from_args(
+        args("-m", "models:/iris/1", "--install-mlflow", "--env-manager", "local"), {}
+    )
+    assert local.dependencies.policy == "warn"
+    for manager in ("uv", "virtualenv"):  # every version in its own environment, as MLflow
+        built = config_from_args(args("-m", "models:/iris/1", "--env-manager", manager), {})
+        assert built.dependencies.policy == "isolate_always"
+    only_mismatches = config_from_args(
+        args("-m", "models:/iris/1", "--env-manager", "uv", "--dependency-policy", "isolate"), {}
+    )
+    assert only_mismatches.dependencies.policy == "isolate"
     with pytest.raises(ConfigProblems) as info:
-        config_from_args(args("-m", "models:/iris/1", "--env-manager", "uv"), {})
-    assert "--env-manager 'uv'" in str(info.value) and "Pass local" in str(info.value)
+        config_from_args(args("-m", "models:/iris/1", "--env-manager", "conda"), {})
+    assert "--env-manager 'conda'" in str(info.value) and "conda is not supported" in str(
+        info.value
+    )
+    with pytest.raises(ConfigProblems) as info:
+        config_from_args(
+            args("-m", "models:/iris/1", "--env-manager", "uv", "--dependency-policy", "strict"),
+            {},
+        )
+    assert "contradicts --dependency-policy strict" in str(info.value)
 
 
 def test_serving_model_config_reaches_the_command_line_models():

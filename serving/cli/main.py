@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from loader.deps import ENV_MANAGERS, POLICIES
 from serving.cli.ops import add_commands, run_operation
 from serving.cli.serve import bind, cannot_listen, serve
 from serving.config import (
@@ -69,8 +70,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dependency-policy",
-        choices=("strict", "warn", "ignore"),
-        help="what to do when a model's requirements are not met (default warn)",
+        choices=POLICIES,
+        help="what to do when a model's requirements are not met: strict (refuse) | warn "
+        "(default) | ignore | isolate (its own environment) | isolate_always",
     )
     parser.add_argument(
         "--poll-interval",
@@ -93,10 +95,11 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--env-manager",
-        metavar="local",
-        help="as `mlflow models serve`: local (the default here, where MLflow's is virtualenv): "
-        "modeld serves in its own environment and checks each model's dependencies against it "
-        "(--dependency-policy); other managers are refused with the reason",
+        metavar="local|uv|virtualenv",
+        help="as `mlflow models serve`: uv or virtualenv serve every version from its own "
+        "environment, built with uv from the model's requirements (--dependency-policy "
+        "isolate_always); local (the default here) serves in modeld's own environment and "
+        "checks each model's dependencies against it; conda is refused with the reason",
     )
     parser.add_argument(
         "--no-conda", action="store_true", help="as `mlflow models serve`: --env-manager local"
@@ -104,8 +107,8 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--install-mlflow",
         action="store_true",
-        help="as `mlflow models serve`: installs MLflow into a built environment; with the "
-        "local environment (modeld's) it does nothing, as in MLflow",
+        help="as `mlflow models serve` (accepted): modeld's environments always hold MLflow, "
+        "the version the model's requirements name, else the one that logged it",
     )
     parser.add_argument(
         "--predict-threads",
@@ -155,11 +158,20 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         "dependencies.policy": args.dependency_policy,
         "registry.poll_interval_s": args.poll_interval,
     }
-    if args.env_manager not in (None, "local"):
+    if args.no_conda and args.env_manager not in (None, "local"):
+        problems.append(f"--no-conda contradicts --env-manager {args.env_manager}")
+    elif args.env_manager in ("uv", "virtualenv"):
+        if args.dependency_policy not in (None, "isolate", "isolate_always"):
+            problems.append(
+                f"--env-manager {args.env_manager} contradicts --dependency-policy "
+                f"{args.dependency_policy}"
+            )
+        overrides["dependencies.policy"] = args.dependency_policy or ENV_MANAGERS["uv"]
+    elif args.env_manager not in (None, "local"):
         problems.append(
-            f"--env-manager {args.env_manager!r}: modeld builds no environments; it serves "
-            "in its own and checks each model's dependencies against it "
-            "(--dependency-policy strict refuses a mismatch). Pass local or leave it out."
+            f"--env-manager {args.env_manager!r}: expected local, uv or virtualenv (modeld "
+            "builds environments with uv from the model's pip requirements; conda is not "
+            "supported: conda.yaml's pip section is used where a model has only that)"
         )
     if problems:
         raise ConfigProblems(problems)
@@ -193,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(given)
     if args.command == "check-config":
         return _check_config(args.config)
-    if args.command in ("pull", "resolve", "check", "cache"):
+    if args.command in ("pull", "resolve", "check", "cache", "env"):
         return run_operation(args)
     if args.command == "demo":
         from serving.cli.demo import prepare

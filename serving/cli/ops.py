@@ -1,4 +1,4 @@
-"""Operator commands: ``modeld pull | resolve | check | cache ls|verify|gc``.
+"""Operator commands: ``modeld pull | resolve | check | cache ls|verify|gc | env ls|gc``.
 
 For init containers and image baking (``pull`` fills the cache), and for people at a terminal.
 Exit codes: 0 done, 1 the operation failed (or ``check`` found what strict would refuse),
@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from loader.cache import SNAPSHOT_FILE
+from loader.deps import ENV_MANAGERS, POLICIES
 from loader.errors import LoaderError
 
 PROGRESS_MIN_BYTES = 5 * 1024 * 1024
@@ -48,6 +49,15 @@ def add_commands(sub: Any) -> None:
         "--keep-versions", type=int, help="gc: keep this many versions of each model"
     )
     _common(cache)
+    env = sub.add_parser("env", help="list or remove isolated environments")
+    env.add_argument("action", choices=("ls", "gc"))
+    env.add_argument(
+        "--max-bytes",
+        type=int,
+        help="gc: remove unused environments, least recently used first, down to this size "
+        "(default: every unused one)",
+    )
+    _common(env)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +67,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
     parser.add_argument("--registry-uri", help="MLflow registry URI (default: the tracking URI)")
-    parser.add_argument("--dependency-policy", choices=("strict", "warn", "ignore"))
+    parser.add_argument("--dependency-policy", choices=POLICIES)
+    parser.add_argument(
+        "--env-manager",
+        choices=sorted(ENV_MANAGERS),
+        help="uv | virtualenv: every version in its own environment (pull builds them)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -71,7 +86,9 @@ def run_operation(args: argparse.Namespace) -> int:
                 "cache.dir": args.cache_dir,
                 "registry.tracking_uri": args.tracking_uri,
                 "registry.registry_uri": args.registry_uri,
-                "dependencies.policy": args.dependency_policy,
+                "dependencies.policy": (
+                    ENV_MANAGERS[args.env_manager] if args.env_manager else args.dependency_policy
+                ),
             },
         )
     except ConfigProblems as exc:
@@ -87,9 +104,8 @@ def run_operation(args: argparse.Namespace) -> int:
     bound_mlflow_http_retries()
     try:
         source = make_source(config.source_options())
-        return {"pull": _pull, "resolve": _resolve, "check": _check, "cache": _cache}[args.command](
-            source, args
-        )
+        command = {"pull": _pull, "resolve": _resolve, "check": _check, "cache": _cache}
+        return {**command, "env": _env}[args.command](source, args)
     except LoaderError as exc:
         print(f"modeld {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -131,9 +147,13 @@ def _pull_each(source: Any, args: argparse.Namespace, held: contextlib.ExitStack
                 prepared = source.prepare(version)
             if prepared.cache_key is not None:
                 held.enter_context(source.cache.lease(prepared.cache_key))
+            env = source.environment(prepared)  # built now, not at the first start
             started = time.perf_counter()
             if not args.no_load:
-                source.load(prepared, uri=uri)
+                model = source.load(prepared, uri=uri, env=env)
+                close = getattr(model, "close", None)
+                if env is not None and close is not None:
+                    close()  # its worker proved the load; the environment stays
             load_s = time.perf_counter() - started
             source.remember(parse_uri(uri), version)  # a sidecar starting offline serves it
         except LoaderError as exc:
@@ -146,6 +166,8 @@ def _pull_each(source: Any, args: argparse.Namespace, held: contextlib.ExitStack
             if p.is_file() and p.name != SNAPSHOT_FILE
         )
         how = "downloaded" if prepared.downloaded else "already cached"
+        if env is not None:
+            how += f", environment {env.key} (Python {env.python})"
         if not args.no_load:
             how += f", loads in {load_s:.2f}s"
         _print(
@@ -158,6 +180,7 @@ def _pull_each(source: Any, args: argparse.Namespace, held: contextlib.ExitStack
                 "downloaded": prepared.downloaded,
                 "load_s": None if args.no_load else round(load_s, 3),
                 "dependency_report": prepared.report.to_dict(),
+                "environment": env.to_dict() if env is not None else None,
             },
             f"{uri} -> {version.label} {how} ({size} bytes) at {prepared.path}",
         )
@@ -242,6 +265,33 @@ def _cache(source: Any, args: argparse.Namespace) -> int:
         return 2
     evicted = cache.evict(limit, keep_versions=keep)
     _print(args, evicted, "\n".join([*evicted, f"{len(evicted)} evicted"]))
+    return 0
+
+
+def _env(source: Any, args: argparse.Namespace) -> int:
+    envs = source.envs
+    if args.action == "ls":
+        entries = envs.entries()
+        table = [("ENVIRONMENT", "PYTHON", "BYTES", "LAST USED", "IN USE", "PACKAGES")] + [
+            (
+                e["key"],
+                e["python"],
+                str(e["size_bytes"]),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])),
+                "in use" if e["in_use"] else "",
+                " ".join(f"{n}=={v}" for n, v in sorted(e["packages"].items())),
+            )
+            for e in entries
+        ]
+        total = sum(e["size_bytes"] for e in entries)
+        _print(
+            args,
+            entries,
+            "\n".join([*_columns(table), f"{len(entries)} environments, {total} bytes"]),
+        )
+        return 0
+    removed = envs.gc(keep_bytes=args.max_bytes or 0)
+    _print(args, removed, "\n".join([*removed, f"{len(removed)} removed"]))
     return 0
 
 

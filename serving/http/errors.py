@@ -25,6 +25,7 @@ from loader.errors import (
     ModelNotFound,
     ModelNotReady,
     RegistryUnavailable,
+    WorkerUnavailable,
 )
 from serving.codecs.base import (
     ProtocolError,
@@ -66,7 +67,7 @@ def classify(request: web.Request, exc: BaseException) -> tuple[int, str, str]:
         return 400, exc.error_code, exc.message
     if isinstance(exc, RouteNotFound):
         return 404, _CODES[404], exc.message
-    if isinstance(exc, ModelNotReady | RegistryUnavailable):
+    if isinstance(exc, ModelNotReady | RegistryUnavailable | WorkerUnavailable):
         return 503, _CODES[503], str(exc)
     if isinstance(exc, ModelNotFound):
         return 404, _CODES[404], str(exc)

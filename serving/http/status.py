@@ -144,6 +144,26 @@ def _workers(m: dict[str, Any]) -> str:
     return f"<tr><th>workers</th><td>{len(workers)} ({parts}){note}</td></tr>"
 
 
+def _environment(m: dict[str, Any]) -> str:
+    env = m.get("environment")
+    if not env:
+        return "<tr><th>environment</th><td>this process</td></tr>"
+    packages = " ".join(f"{n}=={v}" for n, v in sorted(env["packages"].items()))
+    worker = m.get("env_worker") or {}
+    state = worker.get("state", "")
+    pid = f"worker pid {worker['pid']}" if worker.get("pid") else "no worker"
+    restarts = f", {worker['restarts']} restarts" if worker.get("restarts") else ""
+    problem = (
+        f" <span class=bad>{escape(worker['problem'])}</span>" if worker.get("problem") else ""
+    )
+    return (
+        f"<tr><th>environment</th><td><code>{escape(env['key'])}</code> Python "
+        f"{escape(env['python'])} &middot; {escape(pid)} ({escape(state)}{restarts}){problem}"
+        f"<br><span class=dim>{escape(packages)} &middot; built {_when(env['built_at'])} in "
+        f"{env['build_s']:.0f}s</span></td></tr>"
+    )
+
+
 def _model(m: dict[str, Any], series: Series | None) -> str:
     css = _card_class(m)
     report = m.get("dependency_report") or {}
@@ -178,6 +198,7 @@ def _model(m: dict[str, Any], series: Series | None) -> str:
     {_workers(m)}
     <tr><th>last swap</th><td>{_when(m["last_swap_at"])} &middot; {m["swaps"]} swaps</td></tr>
     <tr><th>dependencies</th><td>{deps}</td></tr>
+    {_environment(m)}
     <tr><th>rejected</th><td>{rejected}</td></tr>
     {older}
   </table>

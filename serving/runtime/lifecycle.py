@@ -96,6 +96,8 @@ class Daemon:
         bound_mlflow_http_retries()
         source = make_source(self.config.source_options())
         source.cache.observer = self.metrics.cache_event
+        source.envs.observer = self.metrics.observe
+        source.start_timeout_s = self.config.server.load_timeout_s
         manager = ModelManager(
             source, observer=self.metrics.observe, load_timeout_s=self.config.server.load_timeout_s
         )

@@ -30,6 +30,7 @@ ManagerRef = Callable[[], "ModelManager | None"]
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+ENV_BUILD_BUCKETS_S = (1, 5, 10, 30, 60, 120, 300, 600, 1800)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -102,6 +103,15 @@ class Metrics:
         self.cache_events = Counter(
             "modeld_cache", "Disk cache lookups and evictions", ["event"], registry=r
         )
+        self.env_builds = Counter(
+            "modeld_env_builds", "Isolated environment builds", ["outcome"], registry=r
+        )
+        self.env_build_seconds = Histogram(
+            "modeld_env_build_duration_seconds",
+            "Time to build an isolated environment (uv venv + install + check)",
+            buckets=ENV_BUILD_BUCKETS_S,
+            registry=r,
+        )
         r.register(_StateCollector(manager))
 
     def cache_event(self, event: str) -> None:
@@ -137,6 +147,9 @@ class Metrics:
             self.poll.observe(fields["seconds"])
             if not fields["ok"]:
                 self.poll_failures.inc()
+        elif event == "env_build":
+            self.env_builds.labels("built" if fields["ok"] else "failed").inc()
+            self.env_build_seconds.observe(fields["seconds"])
 
     def _publish(self) -> None:
         directory = os.environ.get(PEERS_DIR_ENV)

@@ -34,6 +34,8 @@ def predict(
     """
     from mlflow.exceptions import MlflowException
 
+    from loader.errors import WorkerUnavailable
+
     try:
         direct = _direct_predict(model) if conformant and not params else None
         if direct is not None:
@@ -41,6 +43,8 @@ def predict(
         # As MLflow's scoring server: params as parsed, {} included (a chat or agent model's
         # request without any), None only when the request had none at all.
         return model.predict(data) if params is None else model.predict(data, params=params)
+    except WorkerUnavailable:  # an isolated model's worker died or restarts: 503, not 400
+        raise
     except MlflowException as exc:  # MLflow's words, without the data it quotes
         raise ProtocolError(
             f"Failed to predict data. \nError: {first_part(exc.message)}",
