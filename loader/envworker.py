@@ -41,6 +41,20 @@ class WireError(Exception):
     """A value that cannot cross, or a peer that broke the framing."""
 
 
+class Block:
+    """A frame not built yet: a 2-D array of one dtype and its column labels, with a default
+    index. The daemon's fast path has exactly this; it crosses as one buffer and becomes the
+    same DataFrame on the worker's side, so the daemon never builds a frame to send it."""
+
+    __slots__ = ("columns", "matrix")
+
+    def __init__(self, matrix: Any, columns: list[str]) -> None:
+        self.matrix, self.columns = matrix, columns
+
+    def __len__(self) -> int:
+        return len(self.matrix)
+
+
 # -- framing ----------------------------------------------------------------------------------
 
 
@@ -131,6 +145,13 @@ def encode(value: Any, buffers: list[memoryview]) -> Any:
     if isinstance(value, list | tuple):
         return {"t": "list" if isinstance(value, list) else "tuple",
                 "v": [encode(v, buffers) for v in value]}  # fmt: skip
+    if isinstance(value, Block):
+        return {
+            "t": "block",
+            "columns": {"j": list(value.columns)},
+            "nd": _encode_numpy(value.matrix, buffers),
+            "index": None,
+        }
     if isinstance(value, dict):
         return {
             "t": "dict",
@@ -181,13 +202,13 @@ def _encode_pandas(value: Any, buffers: list[memoryview]) -> Any:
         if block is not None:  # one dtype throughout: one buffer, one frame to rebuild
             return {
                 "t": "block",
-                "columns": [encode(c, buffers) for c in value.columns],
+                "columns": _encode_labels(value.columns, buffers),
                 "nd": _encode_numpy(block, buffers),
                 "index": _encode_index(value.index, buffers),
             }
         return {
             "t": "df",
-            "columns": [encode(c, buffers) for c in value.columns],
+            "columns": _encode_labels(value.columns, buffers),
             "cols": [_encode_column(value[c], buffers) for c in value.columns],
             "index": _encode_index(value.index, buffers),
         }
@@ -205,14 +226,25 @@ def _encode_pandas(value: Any, buffers: list[memoryview]) -> Any:
     raise WireError(f"a pandas {type(value).__name__} cannot be passed to an isolated model")
 
 
+def _encode_labels(index: Any, buffers: list[memoryview]) -> Any:
+    labels = index.tolist()
+    if all(type(label) is str for label in labels):
+        return {"j": labels}  # the common case: one JSON list
+    return encode(labels, buffers)
+
+
 def _one_block(frame: Any) -> Any:
     """The frame's values as one 2-D array when every column has the same NumPy dtype."""
     import numpy as np
 
-    dtypes = frame.dtypes
-    if not len(dtypes):
+    try:  # one pandas block is one dtype (14 us cheaper than building frame.dtypes)
+        blocks = frame._mgr.blocks
+        dtypes = [blocks[0].dtype] if len(blocks) == 1 else list(frame.dtypes)
+    except AttributeError:
+        dtypes = list(frame.dtypes)
+    if not dtypes:
         return None
-    first = dtypes.iloc[0]
+    first = dtypes[0]
     if not isinstance(first, np.dtype) or first.hasobject or first.kind == "U":
         return None
     if any(d != first for d in dtypes):
@@ -293,11 +325,14 @@ def _decode_pandas(node: Any, buffers: list[bytearray]) -> Any:
     if kind == "nat":
         return pd.NaT
     if kind == "block":
-        columns = [decode(c, buffers) for c in node["columns"]]
+        # Labels as Python objects: 6x cheaper to build than pandas 3's inferred str index,
+        # and scikit-learn's feature-name check on it costs ~60 us less; the same labels.
+        columns = pd.Index(decode(node["columns"], buffers), dtype=object)
         block = _decode_numpy(node["nd"], buffers)
-        return pd.DataFrame(block, columns=columns, index=_decode_index(node["index"], buffers))
+        index = _decode_index(node["index"], buffers)
+        return pd.DataFrame(block, columns=columns, index=index, copy=False)
     if kind == "df":
-        columns = [decode(c, buffers) for c in node["columns"]]
+        columns = decode(node["columns"], buffers)
         data = {c: _decode_column(v, buffers) for c, v in zip(columns, node["cols"], strict=True)}
         index = _decode_index(node["index"], buffers)
         frame = pd.DataFrame(data, index=index, columns=columns or None)

@@ -332,6 +332,8 @@ class IsolatedModel:
 
     #: Where it came from (``loader.pipeline.ModelInfo``), attached once loaded.
     modeld: Any
+    #: Takes a :class:`~loader.envworker.Block` wherever it takes a DataFrame.
+    takes_blocks = True
 
     def __init__(
         self,

@@ -89,8 +89,14 @@ class Decoded:
     matrix: Any = None
     columns: list[str] | None = None
 
-    def model_input(self) -> Any:
-        """What ``predict`` takes: the decoded input (a conformant request's DataFrame)."""
+    def model_input(self, *, blocks: bool = False) -> Any:
+        """What ``predict`` takes: the decoded input (a conformant request's DataFrame, or
+        with ``blocks`` its unbuilt :class:`~loader.envworker.Block`: an isolated model's
+        worker builds the frame)."""
+        if blocks and self.data is None and self.matrix is not None:
+            from loader.envworker import Block
+
+            return Block(self.matrix, self.columns or [])
         if self.data is None and self.matrix is not None:
             self.data = conformant_frame(self.matrix, self.columns)
         return self.data

@@ -217,9 +217,10 @@ class RouteWorker:
         request = job.request
         assert request is not None
         try:
+            model = job.handle.model
             result = predict(
-                job.handle.model,
-                request.model_input(),
+                model,
+                request.model_input(blocks=getattr(model, "takes_blocks", False)),
                 request.params,
                 conformant=request.conformant,
             )
@@ -234,7 +235,10 @@ class RouteWorker:
         first = group[0].request
         assert first is not None
         model = group[0].handle.model
-        frame = _stack([j.request for j in group])  # type: ignore[misc]
+        frame = _stack(
+            [j.request for j in group],  # type: ignore[misc]
+            blocks=getattr(model, "takes_blocks", False),
+        )
         total = len(frame)
         try:
             result = predict(model, frame, first.params, conformant=first.conformant)
@@ -275,13 +279,18 @@ class RouteWorker:
             self.stats.largest = max(self.stats.largest, n)
 
 
-def _stack(requests: list[Decoded]) -> Any:
-    """One model input holding every request's rows, in order."""
+def _stack(requests: list[Decoded], *, blocks: bool = False) -> Any:
+    """One model input holding every request's rows, in order (see ``Decoded.model_input``)."""
     first = requests[0]
     if first.matrix is not None:
         import numpy as np
 
-        return conformant_frame(np.concatenate([r.matrix for r in requests]), first.columns)
+        matrix = np.concatenate([r.matrix for r in requests])
+        if blocks:
+            from loader.envworker import Block
+
+            return Block(matrix, first.columns or [])
+        return conformant_frame(matrix, first.columns)
     import pandas as pd
 
     return pd.concat([r.data for r in requests], ignore_index=True)
