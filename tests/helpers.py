@@ -176,6 +176,38 @@ def save_slow_model(path: Path, answer: int = 7) -> Path:
     return path
 
 
+def save_streamer(path):
+    """Streams the words of the last message; a word 'boom' raises; 'slow' sleeps 3 s; when
+    closed early it leaves a marker file (the path in $MODELD_STREAM_MARKER)."""
+    import mlflow.pyfunc
+
+    class Words(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return {"text": "whole answer"}
+
+        def predict_stream(self, context, model_input, params=None):
+            import os
+            import time
+
+            words = str(model_input["messages"][-1]["content"]).split()
+            done = False
+            try:
+                for i, word in enumerate(words):
+                    if word == "boom":
+                        raise RuntimeError("the model broke mid-stream")
+                    if word == "slow":
+                        time.sleep(3)
+                    yield {"index": i, "delta": word}
+                done = True
+            finally:
+                marker = os.environ.get("MODELD_STREAM_MARKER")
+                if not done and marker:
+                    open(marker, "w").close()
+
+    mlflow.pyfunc.save_model(str(path), python_model=Words(), pip_requirements=[])
+    return path
+
+
 def serve_modeld(registry: Any, cache_dir: Path, *models_and_flags: str, **popen: Any):
     """`modeld serve` as a subprocess on a free port over the test registry.
 

@@ -34,6 +34,7 @@ from tests.helpers import (
     register,
     run,
     save_iris_model,
+    save_streamer,
     split_payload,
     start,
     until,
@@ -420,6 +421,33 @@ async def test_a_build_that_fails_keeps_the_old_version(
     assert resp.status == 200 and resp.headers["X-Model-Version"] == "1"
 
 
+@pytest.mark.slow
+async def test_an_isolated_model_streams(aiohttp_client, registry, cache_dir, tmp_path):
+    words = save_streamer(tmp_path / "words")
+    config = make_config(
+        registry, cache_dir, f"words={words}", dependencies__policy="isolate_always"
+    )
+    client = await start(aiohttp_client, config)
+    assert (await (await client.get("/models/words")).json())["environment"] is not None
+
+    def chat(text: str, **extra):
+        return {"messages": [{"role": "user", "content": text}], **extra}
+
+    async def events(text: str) -> list[str]:
+        resp = await client.post("/models/words/invocations", json=chat(text, stream=True))
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        body = (await resp.read()).decode()
+        return [line for line in body.splitlines() if line.startswith("data: ")]
+
+    lines = await events("one two three")
+    assert lines[-1] == "data: [DONE]"
+    assert [json.loads(x[6:])["delta"] for x in lines[:-1]] == ["one", "two", "three"]
+    lines = await events("ok boom")  # the worker's exception, as an error event
+    assert "the model broke mid-stream" in json.loads(lines[1][6:])["error"]
+    whole = await client.post("/models/words/invocations", json=chat("one two"))
+    assert (await whole.json()) == {"text": "whole answer"}  # the same channel, reusable
+
+
 # -- the library ----------------------------------------------------------------------------
 
 
@@ -440,6 +468,18 @@ def test_load_model_with_env_manager_uv(registry, legacy, tmp_path):
         model.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+    from loader import LiveModel  # the same environment, followed
+
+    with LiveModel(
+        "models:/legacy/1", env_manager="uv", cache_dir=tmp_path / "c", tracking_uri=registry.uri
+    ) as live:
+        got = np.asarray(live.predict(_iris_all()))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+        pid = live.handle.model.worker["pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert len(EnvStore(tmp_path / "c" / "envs").builds()) == 1  # one build for both
 
 
 # -- the sidecar: workers, restarts, offline ------------------------------------------------
