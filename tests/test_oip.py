@@ -232,3 +232,198 @@ async def test_v2_answers_carry_the_same_version_headers(server):
         headers = resp.headers
         assert (headers["X-Model-Route"], headers["X-Model-Name"]) == ("iris", "iris"), path
         assert headers["X-Model-Version"] == "2" and headers["X-Model-Stale"] == "true", path
+
+
+# -- the protocol complete: names, binary outputs, classification, repository, statistics ----
+
+
+def _save_proba(path):
+    """iris with predict_proba as its pyfunc output ([N, 3] scores), and an array model over a
+    single [-1, 4] tensor (for raw binary bodies)."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    model = LogisticRegression(max_iter=500).fit(X, y)
+    mlflow.sklearn.save_model(
+        model, str(path / "proba"), pyfunc_predict_fn="predict_proba", input_example=X.head(2)
+    )
+    arr = LogisticRegression(max_iter=500).fit(X.to_numpy(), y)
+    mlflow.sklearn.save_model(
+        arr,
+        str(path / "array"),
+        signature=infer_signature(X.to_numpy(), arr.predict(X.to_numpy())),
+    )
+    return model, arr
+
+
+@pytest.fixture
+async def full(aiohttp_client, registry, cache_dir, tmp_path):
+    model, arr = _save_proba(tmp_path)
+    config = make_config(
+        registry,
+        cache_dir,
+        f"real={registry.models['iris']}",
+        f"proba={tmp_path / 'proba'}",
+        f"array={tmp_path / 'array'}",
+    )
+    client = await start(aiohttp_client, config)
+    return SimpleNamespace(client=client, proba=model, array=arr)
+
+
+async def test_metadata_names_the_outputs_infer_returns(full):
+    import tritonclient.http as httpclient
+
+    frame = iris_frame(3)
+
+    def talk():
+        tc = triton(full.client)
+        names = {m: [o["name"] for o in tc.get_model_metadata(m)["outputs"]] for m in ("real",)}
+        x = httpclient.InferInput("x", [3, 4], "FP64")
+        x.set_data_from_numpy(frame.to_numpy())
+        wanted = [httpclient.InferRequestedOutput(names["real"][0], binary_data=False)]
+        got = tc.infer("real", [x], outputs=wanted).as_numpy(names["real"][0])
+        tc.close()
+        return names, got
+
+    names, got = await asyncio.to_thread(talk)
+    assert names == {"real": ["predict"]}
+    assert got.tolist() == [0, 0, 0]
+
+
+async def test_binary_outputs_classification_and_raw_bodies(full):
+    import tritonclient.http as httpclient
+
+    frame = iris_frame(4)
+    scores = full.proba.predict_proba(frame)
+
+    def talk():
+        tc = triton(full.client)
+        x = httpclient.InferInput("x", [4, 4], "FP64")
+        x.set_data_from_numpy(frame.to_numpy(), binary_data=True)
+        out = [httpclient.InferRequestedOutput("predict", binary_data=True)]
+        binary = tc.infer("proba", [x], outputs=out)
+        top = [httpclient.InferRequestedOutput("predict", binary_data=True, class_count=2)]
+        classes = tc.infer("proba", [x], outputs=top).as_numpy("predict")
+        tc.close()
+        return binary.as_numpy("predict"), binary.get_response(), classes
+
+    values, response, classes = await asyncio.to_thread(talk)
+    np.testing.assert_allclose(values, scores, rtol=0, atol=0)  # bytes: exactly the floats
+    assert response["outputs"][0]["parameters"]["binary_data_size"] == scores.nbytes
+    assert "data" not in response["outputs"][0]
+    best = np.argsort(-scores, axis=1)[:, :2]
+    expected = [[f"{scores[r, i]:f}:{i}" for i in row] for r, row in enumerate(best)]
+    assert [[c.decode() for c in row] for row in classes] == expected
+
+    # On the wire: the JSON header's length, then the raw tensor.
+    body = {
+        "inputs": [{"name": "x", "shape": [4, 4], "datatype": "FP64",
+                    "data": frame.to_numpy().ravel().tolist()}],
+        "outputs": [{"name": "predict", "parameters": {"binary_data": True}}],
+    }  # fmt: skip
+    resp = await full.client.post("/v2/models/proba/infer", json=body)
+    raw = await resp.read()
+    length = int(resp.headers["Inference-Header-Content-Length"])
+    assert resp.content_type == "application/octet-stream"
+    assert np.frombuffer(raw[length:], "<f8").reshape(4, 3).tolist() == scores.tolist()
+
+    # A raw binary body for a one-input model: the whole body is its [-1, 4] tensor.
+    matrix = frame.to_numpy()
+    resp = await full.client.post(
+        "/v2/models/array/infer",
+        data=matrix.astype("<f8").tobytes(),
+        headers={"Inference-Header-Content-Length": "0"},
+    )
+    assert resp.status == 200, await resp.text()
+    raw = await resp.read()
+    length = int(resp.headers["Inference-Header-Content-Length"])
+    header = __import__("orjson").loads(raw[:length])
+    assert header["outputs"][0]["name"] == "predict"
+    assert header["outputs"][0]["datatype"] == "INT64"
+    got = np.frombuffer(raw[length:], "<i8")
+    assert got.tolist() == full.array.predict(matrix).tolist()
+    resp = await full.client.post(
+        "/v2/models/real/infer", data=b"\0" * 32, headers={"Inference-Header-Content-Length": "0"}
+    )
+    assert resp.status == 400 and "exactly one input" in (await resp.json())["error"]
+
+
+async def test_server_metadata_names_its_extensions(full):
+    for path in ("/v2", "/v2/"):
+        meta = await (await full.client.get(path)).json()
+        assert {"binary_tensor_data", "classification", "model_repository", "statistics"} <= set(
+            meta["extensions"]
+        )
+
+
+async def test_bf16_and_strictness(full, registry):
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
+    cases = [
+        ({"id": 7, "inputs": [x]}, "'id' must be a string"),
+        ({"inputs": [x], "outputs": [{"name": "predict"}, {"name": "predict"}]}, "twice"),
+        ({"inputs": [x], "outputs": {"name": "predict"}}, "'outputs' must be a list"),
+        (
+            {"inputs": [{**x, "shape": [4], "data": [[5.1, 3.5], [1.4, 0.2]]}]},
+            "nested as [2, 2] for shape [4]",
+        ),
+    ]
+    for body, words in cases:
+        resp = await full.client.post("/v2/models/real/infer", json=body)
+        assert resp.status == 400, body
+        assert words in (await resp.json())["error"], await resp.text()
+    # bfloat16: float32's top 16 bits. 5.0, 3.5, 1.5 and 0.25 are exact in it.
+    values = np.array([5.0, 3.5, 1.5, 0.25], dtype=np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    header = __import__("orjson").dumps(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "BF16",
+                     "parameters": {"binary_data_size": len(bf16)}}]}
+    )  # fmt: skip
+    resp = await full.client.post(
+        "/v2/models/real/infer",
+        data=header + bf16,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert resp.status == 200, await resp.text()
+    expected = loader.load_model(str(registry.models["iris"]))
+    frame = iris_frame(1).copy()
+    frame.iloc[0] = values
+    assert (await resp.json())["outputs"][0]["data"] == expected.predict(frame).tolist()
+
+
+async def test_protocol_parameters_are_not_model_params(full, caplog):
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
+    body = {"inputs": [x], "parameters": {"binary_data_output": False, "priority": 1}}
+    with caplog.at_level("WARNING"):
+        resp = await full.client.post("/v2/models/real/infer", json=body)
+    assert resp.status == 200
+    assert not [r for r in caplog.records if "params" in r.getMessage().lower()]
+
+
+async def test_repository_and_statistics(full, registry):
+    c = full.client
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
+    for _ in range(3):
+        assert (await c.post("/v2/models/real/infer", json={"inputs": [x]})).status == 200
+    stats = (await (await c.get("/v2/models/real/stats")).json())["model_stats"]
+    assert stats[0]["name"] == "real" and stats[0]["inference_count"] == 3
+    assert stats[0]["inference_stats"]["success"]["count"] == 3
+    assert stats[0]["inference_stats"]["success"]["ns"] > 0 and stats[0]["last_inference"] > 0
+
+    index = await (await c.post("/v2/repository/index")).json()
+    assert {e["name"]: e["state"] for e in index}["real"] == "READY"
+    assert (await c.post("/v2/repository/models/real/unload")).status == 200
+    index = await (await c.post("/v2/repository/index")).json()
+    assert {e["name"]: e["state"] for e in index}["real"] == "UNAVAILABLE"
+    assert (await c.post("/v2/models/real/infer", json={"inputs": [x]})).status == 404
+    assert (await c.post("/v2/repository/models/real/load")).status == 200  # as configured
+    assert (await c.post("/v2/models/real/infer", json={"inputs": [x]})).status == 200
+    load = await c.post(
+        "/v2/repository/models/extra/load", json={"parameters": {"uri": "models:/iris/1"}}
+    )
+    assert load.status == 200 and (await load.json())["version"] == "1"
+    assert (await c.post("/v2/models/extra/infer", json={"inputs": [x]})).status == 200
+    unknown = await c.post("/v2/repository/models/nope/load")
+    assert unknown.status == 404 and "parameters.uri" in (await unknown.json())["error"]

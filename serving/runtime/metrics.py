@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,6 +43,7 @@ class Metrics:
         self.seen = 0  # prediction requests this process read...
         self.answered = 0  # ...and answered (logged at shutdown: proof of a clean drain)
         self.history = History()  # the status page's charts: the last hour per route
+        self.route_stats: dict[str, RouteStats] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -170,6 +172,47 @@ class Metrics:
         """A predict call answered ``size`` requests of ``route``."""
         self.batch_size.labels(route).observe(size)
         self.history.batch(route, size)
+        self.stats_of(route).executions += 1
+
+    def stats_of(self, route: str) -> RouteStats:
+        """``route``'s counters since start (``/v2/models/{name}/stats``)."""
+        stats = self.route_stats.get(route)
+        if stats is None:
+            stats = self.route_stats[route] = RouteStats()
+        return stats
+
+
+@dataclass(slots=True)
+class RouteStats:
+    """A route's inference counters, as Triton's statistics extension reports them."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    executions: int = 0
+    last_inference_ms: int = 0
+
+    def to_triton(self, name: str, version: str) -> dict[str, Any]:
+        zero = {"count": 0, "ns": 0}
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.success,
+            "execution_count": self.executions,
+            "inference_stats": {
+                "success": {"count": self.success, "ns": self.success_ns},
+                "fail": {"count": self.fail, "ns": self.fail_ns},
+                "queue": dict(zero),
+                "compute_input": dict(zero),
+                "compute_infer": {"count": self.success, "ns": self.success_ns},
+                "compute_output": dict(zero),
+                "cache_hit": dict(zero),
+                "cache_miss": dict(zero),
+            },
+            "batch_stats": [],
+        }
 
 
 class RequestTrack:
@@ -203,6 +246,16 @@ class RequestTrack:
         m.requests.labels(model, "" if version is None else str(version), str(status)).inc()
         if answered:
             m.answered += 1
+        if route is not None:  # a served route (the statistics extension's counters)
+            stats = m.stats_of(route)
+            ns = int(seconds * 1e9)
+            if status < 400:
+                stats.success += 1
+                stats.success_ns += ns
+                stats.last_inference_ms = int(time.time() * 1000)
+            else:
+                stats.fail += 1
+                stats.fail_ns += ns
 
 
 def state_families(states: list[dict[str, Any]]) -> Iterator[Any]:
