@@ -1,9 +1,9 @@
 """The composition root: ``create_app(config)`` wires the layers into one aiohttp application.
 
 Nothing imports this module but the command line (and tests). The request path, left to right:
-aiohttp -> :mod:`serving.http` (route family, auth, errors) -> :mod:`serving.runtime.dataplane`
-(the one handle, the route's worker) -> :mod:`serving.codecs` (bytes <-> model input) ->
-``predict`` on the route's thread -> back the same way.
+aiohttp -> :mod:`serving.http` (route family, auth, errors; or grpc -> :mod:`serving.grpc`) ->
+:mod:`serving.runtime.dataplane` (the one handle, the route's worker) -> :mod:`serving.codecs`
+(bytes <-> model input) -> ``predict`` on the route's thread -> back the same way.
 """
 
 from __future__ import annotations
@@ -45,6 +45,17 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
         await daemon.stop()
 
     app.cleanup_ctx.append(pipeline)
+    if config.server.grpc_port:
+
+        async def grpc_transport(app: web.Application) -> AsyncIterator[None]:
+            from serving.grpc import server as grpc_server
+
+            transport = await grpc_server.start(daemon)
+            yield
+            # SIGTERM: in-flight calls finish (up to the drain timeout), new ones are refused.
+            await transport.stop(grace=config.server.drain_timeout_s)
+
+        app.cleanup_ctx.append(grpc_transport)
     mlflow.add_routes(app)
     status.add_routes(app)
     app.add_subapp(oip.PREFIX, oip.sub_app())

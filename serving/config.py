@@ -78,6 +78,8 @@ class ServerConfig:
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
     unix_socket: str = ""
+    #: The Open Inference Protocol over gRPC on this port (0: off).
+    grpc_port: int = 0
     #: Send the model's traceback as ``stack_trace`` in error bodies, as MLflow does (off:
     #: a traceback tells a caller about the server's code and files).
     stack_traces: bool = False

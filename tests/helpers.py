@@ -208,6 +208,34 @@ def save_streamer(path):
     return path
 
 
+def self_signed(root: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), in ``root``."""
+    cert, key = root / "cert.pem", root / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 def serve_modeld(registry: Any, cache_dir: Path, *models_and_flags: str, **popen: Any):
     """`modeld serve` as a subprocess on a free port over the test registry.
 

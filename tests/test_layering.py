@@ -21,7 +21,7 @@ LAYERS = [
     ("serving.config", "serving.logsetup"),
     ("serving.codecs",),
     ("serving.runtime",),
-    ("serving.http",),
+    ("serving.http", "serving.grpc"),
     ("serving.app",),
     ("serving.cli", "serving.__main__"),
 ]
@@ -30,6 +30,8 @@ BANNED = {
     "loader": ("aiohttp", "serving"),
     "serving.codecs": ("aiohttp",),
     "serving.runtime": ("aiohttp",),
+    "serving.codecs.grpc": ("grpc",),
+    "serving.grpc": ("aiohttp",),
 }
 
 

@@ -160,7 +160,7 @@ def test_conformant_tensors_equal_mlflows_enforced_frame(registry, layout):
         ).reshape(i["shape"])
         for i in inputs
     }
-    theirs = _enforce_schema(oip._to_model_input(tensors, schema), schema)
+    theirs = _enforce_schema(oip.to_model_input(tensors, schema), schema)
     if layout == "one-column-fp32":
         assert not ours.conformant
         return

@@ -13,7 +13,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import free_port, iris_frame, make_config, split_payload, start, wait_http
+from tests.helpers import (
+    free_port,
+    iris_frame,
+    make_config,
+    self_signed,
+    split_payload,
+    start,
+    wait_http,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,31 +59,7 @@ def serve(*args, env=None):
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tls")
-    cert, key = root / "cert.pem", root / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.mark.slow

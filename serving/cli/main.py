@@ -122,6 +122,12 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unix-socket", metavar="PATH", help="listen on this Unix domain socket instead of TCP"
     )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help="also serve the Open Inference Protocol over gRPC on this port (default: off)",
+    )
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON")
 
@@ -154,6 +160,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         "server.ssl_certfile": args.ssl_certfile,
         "server.ssl_keyfile": args.ssl_keyfile,
         "server.unix_socket": args.unix_socket,
+        "server.grpc_port": args.grpc_port,
         "cache.dir": args.cache_dir,
         "dependencies.policy": args.dependency_policy,
         "registry.poll_interval_s": args.poll_interval,

@@ -19,7 +19,7 @@ import orjson
 from serving.codecs.base import Codec, Decoded, ProtocolError
 from serving.codecs.mlflow import numeric_layout, predict_input_schema
 
-_NUMPY_BY_DATATYPE = {
+NUMPY_BY_DATATYPE = {
     "BOOL": "bool",
     "UINT8": "uint8",
     "UINT16": "uint16",
@@ -37,7 +37,7 @@ _NUMPY_BY_DATATYPE = {
 }
 _DATATYPE_BY_KIND = {"b": "BOOL", "O": "BYTES", "U": "BYTES", "S": "BYTES"}
 _DATATYPE_BY_NAME = {
-    numpy: oip for oip, numpy in _NUMPY_BY_DATATYPE.items() if oip not in ("BYTES", "BF16")
+    numpy: oip for oip, numpy in NUMPY_BY_DATATYPE.items() if oip not in ("BYTES", "BF16")
 }
 #: Request parameters that belong to the protocol, never to ``predict(params=)``.
 PROTOCOL_PARAMETERS = frozenset(
@@ -90,7 +90,7 @@ def tensor_specs(schema: Any, *, outputs: bool = False) -> list[dict[str, Any]]:
             specs.append(
                 {
                     "name": spec.name or unnamed(i),
-                    "datatype": _datatype(spec.type),
+                    "datatype": datatype_of(spec.type),
                     "shape": [int(d) for d in spec.shape],
                 }
             )
@@ -107,7 +107,7 @@ def tensor_specs(schema: Any, *, outputs: bool = False) -> list[dict[str, Any]]:
     return specs
 
 
-def _datatype(dtype: Any) -> str:
+def datatype_of(dtype: Any) -> str:
     import numpy as np
 
     dtype = np.dtype(dtype)
@@ -174,11 +174,7 @@ class OipCodec(Codec):
         return self._decoded(tensors, model, params or None)
 
     def _decoded(self, tensors: dict[str, Any], model: Any, params: Any) -> Decoded:
-        block = _conformant_block(tensors, model)
-        if block is not None:
-            matrix, columns = block
-            return Decoded(params=params, conformant=True, matrix=matrix, columns=columns)
-        return Decoded(_to_model_input(tensors, predict_input_schema(model)), params)
+        return decoded_from(tensors, model, params)
 
     def _raw(self, body: bytes, model: Any) -> Decoded:
         """Triton's raw binary request: no JSON, the body is the model's one input."""
@@ -189,7 +185,7 @@ class OipCodec(Codec):
                 f"exactly one input; this one has {len(specs)}"
             )
         spec = specs[0]
-        array = _from_binary(body, spec["datatype"], spec["name"])
+        array = from_binary(body, spec["datatype"], spec["name"])
         shape = list(spec["shape"])
         known = math.prod(d for d in shape if d >= 0)
         if shape.count(-1) > 1 or (known and array.size % known):
@@ -224,7 +220,7 @@ class OipCodec(Codec):
             raise ProtocolError(f"invalid JSON: {exc}") from None
 
     def encode(self, result: Any, request: Decoded, handle: Any) -> bytes:
-        arrays = _from_model_output(result)
+        arrays = from_model_output(result)
         wanted: list[Requested]
         if self.requested:
             missing = [r.name for r in self.requested if r.name not in arrays]
@@ -239,10 +235,10 @@ class OipCodec(Codec):
         for want in wanted:
             array = arrays[want.name]
             if want.classification:
-                array = _classify(array, want.classification)
+                array = classify(array, want.classification)
             binary = self.binary_output if want.binary is None else want.binary
             if binary:
-                chunk = _to_binary(array)
+                chunk = to_binary(array)
                 chunks.append(chunk)
                 outputs.append(_output(want.name, array, binary_size=len(chunk)))
             else:
@@ -259,6 +255,35 @@ class OipCodec(Codec):
             return document
         self.header_length = len(document)
         return b"".join([document, *chunks])
+
+
+def decoded_from(tensors: dict[str, Any], model: Any, params: Any) -> Decoded:
+    """Named tensors as the model's input (the fast path's block where it applies)."""
+    block = conformant_block(tensors, model)
+    if block is not None:
+        matrix, columns = block
+        return Decoded(params=params, conformant=True, matrix=matrix, columns=columns)
+    return Decoded(to_model_input(tensors, predict_input_schema(model)), params)
+
+
+def check_shape(name: str, shape: Any) -> int:
+    """The element count of a valid ``shape`` (non-negative ints, bounded).
+
+    Raises:
+        ProtocolError: it is not one.
+    """
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMENSIONS:
+        raise ProtocolError(
+            f"input {name!r}: a shape of {len(shape)} dimensions (at most {MAX_DIMENSIONS})"
+        )
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise ProtocolError(f"input {name!r} has {count} elements")
+    return count
 
 
 def _kind(value: Any) -> str:
@@ -303,32 +328,22 @@ def _tensor(item: Any, binary: bytes, offset: int) -> tuple[str, Any, int]:
     name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
     if not isinstance(name, str) or not name:
         raise ProtocolError("an input has no 'name'")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    if len(shape) > MAX_DIMENSIONS:
-        raise ProtocolError(
-            f"input {name!r}: a shape of {len(shape)} dimensions (at most {MAX_DIMENSIONS})"
-        )
+    count = check_shape(name, shape)
     parameters = item.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise ProtocolError(f"input {name!r}: 'parameters' must be an object")
-    if datatype not in _NUMPY_BY_DATATYPE:
+    if datatype not in NUMPY_BY_DATATYPE:
         raise ProtocolError(
-            f"input {name!r}: datatype {datatype!r} is not one of {', '.join(_NUMPY_BY_DATATYPE)}",
+            f"input {name!r}: datatype {datatype!r} is not one of {', '.join(NUMPY_BY_DATATYPE)}",
         )
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise ProtocolError(f"input {name!r} has {count} elements")
-    dtype = _NUMPY_BY_DATATYPE[datatype]
+    dtype = NUMPY_BY_DATATYPE[datatype]
     size = (parameters or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or offset + size > len(binary):
             raise ProtocolError(f"input {name!r}: binary_data_size exceeds the binary part")
         chunk = binary[offset : offset + size]
         offset += size
-        array = _from_binary(chunk, datatype, name)
+        array = from_binary(chunk, datatype, name)
     else:
         data = item.get("data")
         if data is None:
@@ -337,8 +352,9 @@ def _tensor(item: Any, binary: bytes, offset: int) -> tuple[str, Any, int]:
             array = np.array(data, dtype=dtype)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"input {name!r}: data is not {datatype} ({exc})") from None
-        if array.ndim not in (1, len(shape)) or (
-            array.ndim == len(shape) and list(array.shape) != shape
+        dims: list[int] = shape  # type: ignore[assignment]  # a list: check_shape says so
+        if array.ndim not in (1, len(dims)) or (
+            array.ndim == len(dims) and list(array.shape) != dims
         ):
             raise ProtocolError(
                 f"input {name!r}: data nested as {list(array.shape)} for shape {shape} (send "
@@ -351,13 +367,13 @@ def _tensor(item: Any, binary: bytes, offset: int) -> tuple[str, Any, int]:
     return name, array.reshape(shape), offset
 
 
-def _from_binary(chunk: bytes, datatype: str, name: str) -> Any:
+def from_binary(chunk: bytes, datatype: str, name: str) -> Any:
     """A tensor's raw bytes (little-endian; BYTES as 4-byte-length-prefixed items)."""
     import numpy as np
 
     if datatype == "BYTES":
         return _bytes_tensor(chunk)
-    raw = np.dtype("<u2") if datatype == "BF16" else np.dtype(_NUMPY_BY_DATATYPE[datatype])
+    raw = np.dtype("<u2") if datatype == "BF16" else np.dtype(NUMPY_BY_DATATYPE[datatype])
     if len(chunk) % raw.itemsize:
         raise ProtocolError(
             f"input {name!r}: {len(chunk)} bytes is not a whole number of {datatype} elements"
@@ -368,7 +384,7 @@ def _from_binary(chunk: bytes, datatype: str, name: str) -> Any:
     return array
 
 
-def _to_binary(array: Any) -> bytes:
+def to_binary(array: Any) -> bytes:
     import numpy as np
 
     if array.dtype.kind in "OUS":
@@ -380,7 +396,7 @@ def _to_binary(array: Any) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
-def _classify(array: Any, k: int) -> Any:
+def classify(array: Any, k: int) -> Any:
     """Triton's classification: per batch row the top-k ``score:index`` strings, best first."""
     import numpy as np
 
@@ -405,7 +421,7 @@ def _bytes_tensor(chunk: bytes) -> Any:
     return np.array(items, dtype=object)
 
 
-def _conformant_block(tensors: dict[str, Any], model: Any) -> tuple[Any, list[str]] | None:
+def conformant_block(tensors: dict[str, Any], model: Any) -> tuple[Any, list[str]] | None:
     """The tensors as one 2-D block in the signature's column order, when the model's
     signature is all double (or all float) columns and the request sends exactly those, in
     that dtype: a column tensor ([N] or [N, 1]) per name, or one [N, K] tensor over the K
@@ -437,7 +453,7 @@ def _conformant_block(tensors: dict[str, Any], model: Any) -> tuple[Any, list[st
     return np.column_stack(columns), names
 
 
-def _to_model_input(tensors: dict[str, Any], schema: Any) -> Any:
+def to_model_input(tensors: dict[str, Any], schema: Any) -> Any:
     import pandas as pd
 
     if schema is not None and schema.is_tensor_spec():
@@ -464,7 +480,7 @@ def _to_model_input(tensors: dict[str, Any], schema: Any) -> Any:
     return pd.DataFrame(frame)
 
 
-def _from_model_output(result: Any) -> dict[str, Any]:
+def from_model_output(result: Any) -> dict[str, Any]:
     """The model's answer as named arrays (the names :func:`tensor_specs` lists)."""
     import numpy as np
     import pandas as pd
@@ -481,7 +497,7 @@ def _from_model_output(result: Any) -> dict[str, Any]:
 def _output(name: str, array: Any, *, binary_size: int | None = None) -> dict[str, Any]:
     import numpy as np
 
-    datatype = _datatype(array.dtype)
+    datatype = datatype_of(array.dtype)
     out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
     if binary_size is not None:
         out["parameters"] = {"binary_data_size": binary_size}

@@ -19,14 +19,13 @@ from serving.http.auth import require_token
 from serving.http.errors import Style, error_response
 from serving.http.keys import SERVED, daemon_of
 from serving.runtime.dataplane import Served
+from serving.runtime.metrics import UNKNOWN_ROUTE
 
 HEADER_NAME = "X-Model-Name"
 HEADER_VERSION = "X-Model-Version"
 HEADER_ROUTE = "X-Model-Route"
 HEADER_STALE = "X-Model-Stale"
 HEADER_WORKER = "X-Modeld-Worker"
-#: The metrics label of every request for a route that is not served (bounded cardinality).
-UNKNOWN_ROUTE = "(unknown)"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

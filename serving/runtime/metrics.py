@@ -31,6 +31,8 @@ ManagerRef = Callable[[], "ModelManager | None"]
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+#: The metrics label of every request for a route that is not served (bounded cardinality).
+UNKNOWN_ROUTE = "(unknown)"
 ENV_BUILD_BUCKETS_S = (1, 5, 10, 30, 60, 120, 300, 600, 1800)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
