@@ -58,6 +58,7 @@ async def _grpc_loop(target: str, body: bytes, concurrency: int, count: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=3000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 100, 1000])
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="modeld-grpc-bench-"))
     model = save_model(root / "iris")
@@ -71,9 +72,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     try:
         wait_http(f"{base}/health", timeout_s=300, proc=proc)
-        for rows in (1, 100):
+        for rows in args.rows:
             for clients in (1, 32):
                 count = args.count if clients > 1 else args.count // 3
+                if rows >= 1000:
+                    count //= 3
                 inv = closed_loop(
                     f"{base}/invocations", payload(rows), concurrency=clients, count=count
                 )
