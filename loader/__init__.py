@@ -15,6 +15,7 @@ from loader.deps import DependencyPolicy, DependencyReport, Mismatch, check_mode
 from loader.envs import EnvInfo, EnvSpec, EnvStore, model_environment
 from loader.errors import (
     CacheError,
+    CacheFull,
     ConfigError,
     DependencyMismatch,
     EnvBuildError,
@@ -38,6 +39,7 @@ from loader.uri import ModelRef, RefKind, parse_uri
 __all__ = [
     "CacheEntry",
     "CacheError",
+    "CacheFull",
     "ConfigError",
     "DependencyMismatch",
     "DependencyPolicy",

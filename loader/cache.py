@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import diskcache
 
-from loader.errors import CacheError, ConfigError
+from loader.errors import CacheError, CacheFull, ConfigError
 from loader.files import flock, remove_tree
 from loader.registry import ModelVersion
 
@@ -180,7 +180,10 @@ class ModelCache:
             self.stats.discarded += 1
             return None
         record["last_used"] = time.time()
-        self._index.set(ikey, record)
+        try:  # bookkeeping for eviction: a full disk must not fail a read
+            self._index.set(ikey, record)
+        except CacheFull as exc:
+            log.debug("cache entry %s: last use not recorded (%s)", key, exc)
         if not meta:
             self._count("hits")
         return CacheEntry(key=key, path=path, bytes=record["bytes"], downloaded=False)
@@ -461,15 +464,63 @@ def _slug(key: str) -> str:
     return key.replace("/", "__")
 
 
-def _open_index(path: Path) -> diskcache.Cache:
+def _open_index(path: Path) -> Any:
     try:
         return _diskcache(path)
     except sqlite3.OperationalError as exc:
         if _is_locked(exc):  # another process holds it: never wipe a healthy index
             raise CacheError(_LOCKED.format(path=path, exc=exc)) from exc
+        if _is_full(exc):  # a write error, not damage: read what is there, write nothing
+            return _ReadOnlyIndex(path, exc)
         return _rebuild(path, exc)
     except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
         return _rebuild(path, exc)
+
+
+class _ReadOnlyIndex:
+    """The index opened read-only, when the disk is too full for diskcache to open it (it
+    writes its settings on open): lookups and the offline start's memory keep working, every
+    write is a :class:`CacheError` saying the disk is full. Reads through diskcache's own
+    ``Disk`` (its key and value encoding); reopened normally once writes succeed again."""
+
+    def __init__(self, path: Path, exc: Exception) -> None:
+        self.path = path
+        self.reason = f"the disk holding the cache index at {path} is full ({exc})"
+        log.warning("%s: serving from it read-only, nothing new is cached until space returns",
+                    self.reason)  # fmt: skip
+        self._con = _read_only(path / "cache.db")
+        settings = dict(
+            self._con.execute("SELECT key, value FROM Settings WHERE key LIKE 'disk_%'")
+        )
+        self._disk = diskcache.Disk(
+            str(path),
+            min_file_size=int(settings.get("disk_min_file_size", 0)),
+            pickle_protocol=int(settings.get("disk_pickle_protocol", 0)),
+        )
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        db_key, raw = self._disk.put(key)
+        row = self._con.execute(
+            "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = ?", (db_key, raw)
+        ).fetchone()
+        if row is None:
+            return default
+        try:
+            return self._disk.fetch(row[0], row[1], row[2], False)
+        except OSError:
+            return default
+
+    def iterkeys(self) -> Iterator[Any]:
+        for db_key, raw in self._con.execute("SELECT key, raw FROM Cache ORDER BY rowid"):
+            yield self._disk.get(db_key, raw)
+
+    def full(self, *args: Any, **kwargs: Any) -> Any:
+        raise CacheFull(f"{self.reason}: free space, then retry")
+
+    set = delete = transact = full
+
+    def close(self) -> None:
+        self._con.close()
 
 
 def _diskcache(path: Path) -> diskcache.Cache:
@@ -487,6 +538,28 @@ def _rebuild(path: Path, exc: Exception) -> diskcache.Cache:
 
 def _is_locked(exc: Exception) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _read_only(db: Path) -> sqlite3.Connection:
+    """``db`` opened for reading on a full disk: read-only with its WAL (the -shm a running or
+    crashed process left), else ``immutable`` (no -shm to create, which a full disk cannot;
+    then writes still in the WAL are not seen, and their entries are fetched again)."""
+    for flags in ("mode=ro", "mode=ro&immutable=1"):
+        con = sqlite3.connect(f"file:{db}?{flags}", uri=True, check_same_thread=False)
+        try:
+            con.execute("SELECT count(*) FROM Cache").fetchone()
+        except sqlite3.Error:
+            con.close()
+            continue
+        return con
+    raise CacheError(f"the cache index {db} cannot be read on this full disk")
+
+
+def _is_full(exc: Exception) -> bool:
+    """SQLite's "database or disk is full", and the I/O error a write past the end of a full
+    disk (or a file-size limit) gives: reasons to report and retry, never damage."""
+    text = str(exc)
+    return "disk is full" in text or "disk I/O error" in text
 
 
 _LOCKED = (
@@ -509,6 +582,16 @@ class _Index:
         self._lock = threading.Lock()
 
     def _call(self, op: Callable[[diskcache.Cache], Any]) -> Any:
+        if isinstance(self._cache, _ReadOnlyIndex):
+            with self._lock:  # space may be back: try to open it for writing again
+                try:
+                    cache = _diskcache(self.path)
+                except sqlite3.Error:
+                    cache = None
+                if cache is not None:
+                    self._cache.close()
+                    self._cache = cache
+                    log.info("cache index at %s is writable again", self.path)
         try:
             return op(self._cache)
         except diskcache.Timeout as exc:
@@ -516,6 +599,11 @@ class _Index:
         except sqlite3.Error as exc:
             if _is_locked(exc):
                 raise CacheError(_LOCKED.format(path=self.path, exc=exc)) from exc
+            if _is_full(exc):  # nothing is damaged: the write is reported, the index stays
+                raise CacheFull(
+                    f"the disk holding the cache index at {self.path} is full ({exc}): "
+                    "free space, then retry"
+                ) from exc
             with self._lock:
                 log.warning(
                     "cache index failed (%s): reopening it, entries will be re-fetched", exc

@@ -131,6 +131,11 @@ class CacheError(LoaderError):
     """The disk cache failed: disk full, corrupt entry, lock timeout."""
 
 
+class CacheFull(CacheError):
+    """A cache write failed because the disk is full: nothing is damaged, reads go on, and
+    the write succeeds once space returns."""
+
+
 class DependencyMismatch(LoaderError):
     """The model's recorded dependencies do not match the running environment."""
 

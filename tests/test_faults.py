@@ -292,3 +292,82 @@ def test_a_model_returning_garbage_is_never_served(registry, cache_dir, tmp_path
     (rejection,) = route.rejections.values()
     assert rejection.step == "warm-up" and "returned a object" in rejection.reason
     manager.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB tmpfs of our own (root only: skipped elsewhere), unmounted after."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 1_048_576)
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_index_and_an_offline_start_serves_stale(registry, small_disk):
+    """A full disk is a write error, never damage: the index is not rebuilt, an offline start
+    on it serves the cached version (stale), and writes work again once space returns."""
+    import os
+    import subprocess
+    import sys
+
+    from loader import load_model
+    from tests.helpers import MlflowServer
+
+    cache = small_disk / "cache"
+    server = MlflowServer(registry.db, registry.root / "full-artifacts", small_disk.parent / "log")
+    server.start()
+    try:
+        model = load_model("models:/iris/1", cache_dir=cache, tracking_uri=server.url)
+        assert not model.modeld.stale
+    finally:
+        server.stop()  # the registry goes away; the same URL is asked below
+    filler = _fill(small_disk)
+    dead = server.url
+    code = (
+        "from loader import load_model\n"
+        f"m = load_model('models:/iris/1', cache_dir={str(cache)!r}, tracking_uri={dead!r})\n"
+        "print('STALE', m.modeld.stale, m.modeld.version)\n"
+    )
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=180,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STALE True 1" in proc.stdout
+    assert "rebuilding it empty" not in proc.stderr and "is full" in proc.stderr
+    filler.unlink()  # space is back: the same index, whole, takes writes again
+    from loader.registry import ModelVersion
+
+    again = ModelCache(cache)
+    entries = again.entries()
+    assert [e["version"]["version"] for e in entries] == [1]
+    version = ModelVersion.from_dict(entries[0]["version"])
+    again.remember("test", "models:/iris/1", version)
+    assert again.recall("test", "models:/iris/1") == version
