@@ -64,6 +64,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 64 * 1024 * 1024
+    #: What one request may decode to (rows x columns), and its columns: checked before a
+    #: CSV or Parquet body is parsed (its own metadata) and before a JSON one is built.
+    max_cells: int = 20_000_000
+    max_columns: int = 10_000
     request_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
@@ -465,7 +469,14 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append("server.workers > 1 needs a TCP port: one Unix socket cannot be shared")
     if s.workers > 1 and s.port == 0:
         problems.append("server.workers > 1 needs a fixed server.port (not 0)")
-    for key in ("max_body_bytes", "max_batch_size", "workers", "predict_threads"):
+    for key in (
+        "max_body_bytes",
+        "max_cells",
+        "max_columns",
+        "max_batch_size",
+        "workers",
+        "predict_threads",
+    ):
         if getattr(s, key) < 1:
             problems.append(f"server.{key} = {getattr(s, key)}: expected >= 1")
     for key in ("request_timeout_s", "drain_timeout_s", "load_timeout_s"):

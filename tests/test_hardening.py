@@ -202,3 +202,52 @@ def test_redact_table(text, clean):
 
     assert redact(text) == clean
     assert str(RegistryError(text)) == clean  # every loader error is built redacted
+
+
+async def test_decoded_size_is_bounded_before_decoding(aiohttp_client, registry, cache_dir):
+    """A small Parquet body declaring millions of rows (it took the server to 4.6 GB), a CSV
+    of 100 k columns (12 s of a model's only thread), a JSON body of too many rows: each is a
+    413 naming the bound, told from metadata or bytes before anything is built, and the model
+    keeps answering."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    config = make_config(
+        registry, cache_dir, "models:/iris/2", server__max_cells=1_000_000, server__max_columns=500
+    )
+    client = await start(aiohttp_client, config)
+    rows = 3_000_000  # x 4 columns: 12 M cells, compressed to a few KB
+    columns = {name: pa.array(np.full(rows, 1.5)) for name in iris_frame(1).columns}
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer, compression="zstd")
+    bomb = buffer.getvalue()
+    assert len(bomb) < 200_000
+    wide = (",".join(f"c{i}" for i in range(100_000)) + "\n" + ",".join(["1"] * 100_000)).encode()
+    many = {
+        "dataframe_split": {"columns": list(iris_frame(1).columns), "data": [[1.0] * 4] * 300_000}
+    }
+    cases = [
+        (bomb, "application/vnd.apache.parquet", "server.max_cells"),
+        (wide, "text/csv", "server.max_columns"),
+        (__import__("orjson").dumps(many), "application/json", "server.max_cells"),
+    ]
+    for body, mime, words in cases:
+        started = time.perf_counter()
+        resp = await client.post(
+            "/models/iris/invocations", data=body, headers={"Content-Type": mime}
+        )
+        assert resp.status == 413, (mime, await resp.text())
+        payload = await resp.json()
+        assert payload["error_code"] == "REQUEST_LIMIT_EXCEEDED" and words in payload["message"]
+        assert time.perf_counter() - started < 3.0, mime
+    small = io.BytesIO()
+    iris_frame(2).to_parquet(small)
+    ok = await client.post(
+        "/models/iris/invocations",
+        data=small.getvalue(),
+        headers={"Content-Type": "application/vnd.apache.parquet"},
+    )
+    assert ok.status == 200 and (await ok.json()) == {"predictions": [2, 2]}

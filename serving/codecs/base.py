@@ -33,6 +33,35 @@ class UnsupportedMediaType(ProtocolError):
     """A Content-Type (or charset) the protocol does not take."""
 
 
+class TooLarge(ProtocolError):
+    """A request whose decoded size exceeds the server's bounds (413), told before decoding."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "REQUEST_LIMIT_EXCEEDED")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may decode to: the body's bytes bound the wire, these the memory
+    (a 541 KB Parquet file can declare 30 million rows)."""
+
+    max_cells: int = 20_000_000  #: rows x columns (~160 MB as float64)
+    max_columns: int = 10_000
+
+    def check(self, rows: int, columns: int, what: str) -> None:
+        """Raises :class:`TooLarge` when ``rows`` x ``columns`` is beyond the bounds."""
+        if columns > self.max_columns:
+            raise TooLarge(
+                f"{what} has {columns} columns; this server takes at most {self.max_columns} "
+                "(server.max_columns)"
+            )
+        if rows * max(columns, 1) > self.max_cells:
+            raise TooLarge(
+                f"{what} has {rows} rows x {columns} columns = {rows * max(columns, 1)} cells; "
+                f"this server takes at most {self.max_cells} (server.max_cells)"
+            )
+
+
 def bound(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """Cut a message so an error body never carries a large part of a request."""
     return message if len(message) <= limit else message[:limit] + f"... ({len(message)} chars)"

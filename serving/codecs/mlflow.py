@@ -17,6 +17,7 @@ import orjson
 from serving.codecs.base import (
     Codec,
     Decoded,
+    Limits,
     ModelMemo,
     ProtocolError,
     UnsupportedMediaType,
@@ -109,13 +110,14 @@ def check_content_type(header: str | None) -> str:
 class MlflowCodec(Codec):
     """MLflow's scoring protocol (``/invocations``)."""
 
-    __slots__ = ("mime",)
+    __slots__ = ("limits", "mime")
 
-    def __init__(self, mime: str) -> None:
+    def __init__(self, mime: str, limits: Limits | None = None) -> None:
         self.mime = mime
+        self.limits = limits or Limits()
 
     def decode(self, body: bytes, model: Any) -> Decoded:
-        return decode(body, self.mime, model)
+        return decode(body, self.mime, model, self.limits)
 
     def encode(self, result: Any, request: Decoded, handle: Any) -> bytes:
         return encode(result, unwrapped=request.unwrapped)
@@ -126,14 +128,16 @@ def predict_input_schema(model: Any) -> Any:
     return model.metadata.get_input_schema()
 
 
-def decode(body: bytes, mime: str, model: Any) -> Decoded:
+def decode(body: bytes, mime: str, model: Any, limits: Limits | None = None) -> Decoded:
     """Turn a request body into a :class:`Decoded` request for ``model.predict``.
 
     Raises:
         ProtocolError: with MLflow's error code, when the body is not a valid request.
+        TooLarge: its rows x columns exceed ``limits`` (checked before decoding).
     """
     from mlflow.exceptions import MlflowException
 
+    limits = limits or Limits()
     schema = model.metadata.get_input_schema()
     try:
         if mime == CSV:
@@ -141,17 +145,60 @@ def decode(body: bytes, mime: str, model: Any) -> Decoded:
 
             if not body.strip():
                 raise ProtocolError("empty CSV body: send a header row")
+            _check_csv(body, limits)
             return Decoded(parse_csv_input(io.StringIO(_utf8(body)), schema=schema))
         if mime == PARQUET:
             from mlflow.pyfunc.scoring_server import parse_parquet_input
 
+            _check_parquet(body, limits)
             return Decoded(parse_parquet_input(io.BytesIO(body)))
-        return _decode_json(body, model, schema)
+        return _decode_json(body, model, schema, limits)
     except MlflowException as exc:
         raise ProtocolError(first_part(exc.message), error_code_of(exc)) from exc
 
 
-def _decode_json(body: bytes, model: Any, schema: Any) -> Decoded:
+def _check_csv(body: bytes, limits: Limits) -> None:
+    """Rows and columns from the bytes (newlines; the header's commas, exactly counted only
+    when they suggest too many), before pandas builds anything."""
+    end = body.find(b"\n")
+    header = body if end < 0 else body[:end]
+    columns = header.count(b",") + 1
+    if columns > limits.max_columns:  # quoted commas count too: confirm with a real parse
+        import csv
+
+        columns = len(next(csv.reader([header.decode("utf-8", "replace")]), []))
+    limits.check(max(body.count(b"\n"), 1), columns, "the CSV body")
+
+
+def _check_parquet(body: bytes, limits: Limits) -> None:
+    """The file's own metadata says its rows and columns: read it, not the data."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(io.BytesIO(body)).metadata
+    except Exception:  # not Parquet: MLflow's parser says so in its words
+        return
+    limits.check(meta.num_rows, meta.num_columns, "the Parquet body")
+
+
+def _check_json(document: dict[str, Any], limits: Limits) -> None:
+    for key in FORMAT_KEYS:
+        value = document.get(key)
+        if key == "dataframe_split" and isinstance(value, dict):
+            data, cols = value.get("data"), value.get("columns")
+            rows = data if isinstance(data, list) else []
+            width = len(cols) if isinstance(cols, list) else 0
+            if not width and rows and isinstance(rows[0], list):
+                width = len(rows[0])
+            limits.check(len(rows), width, "the request's dataframe_split")
+            continue
+        if isinstance(value, list) and value:
+            first = value[0]
+            width = len(first) if isinstance(first, dict | list) else 1
+            limits.check(len(value), width, f"the request's {key}")
+
+
+def _decode_json(body: bytes, model: Any, schema: Any, limits: Limits) -> Decoded:
     from mlflow.pyfunc.scoring_server import _parse_json_data
 
     if not body.strip():
@@ -177,6 +224,7 @@ def _decode_json(body: bytes, model: Any, schema: Any) -> Decoded:
         raise ProtocolError(
             _required_format(f"Received dictionary with input fields: {sorted(present)}")
         )
+    _check_json(document, limits)
     fast = _numeric_matrix(document, model)
     if fast is not None:
         matrix, columns = fast

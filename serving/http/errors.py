@@ -29,6 +29,7 @@ from loader.errors import (
 )
 from serving.codecs.base import (
     ProtocolError,
+    TooLarge,
     UnsupportedMediaType,
     mlflow_error_body,
     oip_error_body,
@@ -63,6 +64,8 @@ def classify(request: web.Request, exc: BaseException) -> tuple[int, str, str]:
     """(HTTP status, MLflow error code, message) for ``exc``, the one error map."""
     if isinstance(exc, UnsupportedMediaType):
         return 415, exc.error_code, exc.message
+    if isinstance(exc, TooLarge):
+        return 413, exc.error_code, exc.message
     if isinstance(exc, ProtocolError):
         return 400, exc.error_code, exc.message
     if isinstance(exc, RouteNotFound):

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from loader.errors import ModelNotReady
+from serving.codecs.base import Limits
 from serving.codecs.mlflow import JSON, MlflowCodec, check_content_type
 from serving.http.errors import Style, json_response
 from serving.http.keys import daemon_of
@@ -66,7 +67,10 @@ async def _invoke(request: web.Request, name: str) -> web.StreamResponse:
         document = await asyncio.to_thread(streaming_request, body)
         if document is not None:
             return await _stream(request, served, document)
-    payload = await daemon_of(request).dataplane.predict(served, body, MlflowCodec(mime))
+    daemon = daemon_of(request)
+    server = daemon.config.server
+    codec = MlflowCodec(mime, Limits(server.max_cells, server.max_columns))
+    payload = await daemon.dataplane.predict(served, body, codec)
     return answer(request, served, payload)
 
 
