@@ -251,3 +251,42 @@ async def test_decoded_size_is_bounded_before_decoding(aiohttp_client, registry,
         headers={"Content-Type": "application/vnd.apache.parquet"},
     )
     assert ok.status == 200 and (await ok.json()) == {"predictions": [2, 2]}
+
+
+async def test_a_compressed_bomb_never_holds_the_event_loop(aiohttp_client, registry, cache_dir):
+    """1 MB of gzip inflating to 1 GiB: answered 413 (or the connection closed on a client
+    still sending), and /ping never waits meanwhile (it stalled 4.2 s)."""
+    import asyncio
+    import zlib
+
+    import aiohttp
+
+    client = await start(aiohttp_client, make_config(registry, cache_dir, "models:/iris/2"))
+    gz = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = b"\0" * (1 << 20)
+    bomb = b"".join([*(gz.compress(zeros) for _ in range(1024)), gz.flush()])
+    assert len(bomb) < 2_000_000
+
+    async def worst_ping() -> float:
+        worst = 0.0
+        for _ in range(30):
+            started = time.perf_counter()
+            assert (await client.get("/ping")).status == 200
+            worst = max(worst, time.perf_counter() - started)
+            await asyncio.sleep(0.05)
+        return worst
+
+    pings = asyncio.create_task(worst_ping())
+    await asyncio.sleep(0.1)
+    try:
+        resp = await client.post(
+            "/models/iris/invocations",
+            data=bomb,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+        assert resp.status == 413
+    except aiohttp.ClientError:
+        pass  # closed while the client was still sending: the answer is the same
+    assert await pings < 0.5
+    ok = await client.post("/models/iris/invocations", json=split_payload(iris_frame(1)))
+    assert ok.status == 200

@@ -117,6 +117,14 @@ def error_response(request: web.Request, exc: BaseException, style: Style) -> we
         for name in _KEPT_HEADERS:
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
+    if isinstance(exc, web.HTTPRequestEntityTooLarge) and request.headers.get(
+        "Content-Encoding", "identity"
+    ).lower() not in ("", "identity"):
+        # Never inflate the rest of a compressed body already too large: aiohttp would drain
+        # it through the decompressor without yielding (a 1 MB gzip bomb held every probe for
+        # seconds). Answer and close; a client still sending sees the connection close.
+        response.force_close()
+        request.protocol.force_close()
     return response
 
 
