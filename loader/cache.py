@@ -114,6 +114,7 @@ class ModelCache:
         except OSError as exc:
             raise CacheError(f"cannot use cache directory {str(self.root)!r}: {exc}") from exc
         self.stats = CacheStats()
+        self._distrust_logged: set[str] = set()
         self._thread_locks: dict[str, threading.Lock] = {}
         self._thread_locks_guard = threading.Lock()
         self._reap_temp_dirs()
@@ -270,8 +271,19 @@ class ModelCache:
         snap = record.get("snapshot") if record else None
         if not snap or snap["fingerprint"] != fingerprint:
             return None
+        entry = self.path(key)
+        # Unpickling runs code: only files this user owns, that nobody else could have written.
+        reason = _untrusted(
+            [self.root, self.root / "index", self.root / "index" / "cache.db", entry,
+             entry / SNAPSHOT_FILE]
+        )  # fmt: skip
+        if reason is not None:
+            if reason not in self._distrust_logged:
+                self._distrust_logged.add(reason)
+                log.warning("load snapshots are not used (%s): models load normally", reason)
+            return None
         try:
-            data = (self.path(key) / SNAPSHOT_FILE).read_bytes()
+            data = (entry / SNAPSHOT_FILE).read_bytes()
         except OSError:
             return None
         if len(data) != snap["size"] or hashlib.sha256(data).hexdigest() != snap["sha256"]:
@@ -681,6 +693,22 @@ def _flock(path: Path, mode: int, timeout_s: float, key: str) -> Iterator[None]:
 
     with flock(path, mode, time.monotonic() + timeout_s, timed_out):
         yield
+
+
+def _untrusted(paths: list[Path]) -> str | None:
+    """Why these files could have been written by someone else (not owned by this user, or
+    group/world-writable), or None."""
+    uid = os.geteuid()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return f"{path} cannot be checked ({exc.strerror})"
+        if st.st_uid != uid:
+            return f"{path} is owned by uid {st.st_uid}, not this process's {uid}"
+        if st.st_mode & 0o022:
+            return f"{path} is writable by its group or others (mode {st.st_mode & 0o777:o})"
+    return None
 
 
 def pid_alive(pid: int) -> bool:

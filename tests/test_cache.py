@@ -201,3 +201,54 @@ def test_load_snapshot_is_used_verified_and_bound_to_the_environment(source, cap
     caplog.clear()
     source.load(prepared, uri="models:/iris/2")
     assert "(snapshot)" in caplog.text
+
+
+class _Planted:
+    """What an attacker's snapshot does when unpickled: leave a mark."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("how", ["other owner", "world-writable"])
+def test_a_planted_snapshot_is_never_unpickled(source, caplog, tmp_path, how):
+    """A snapshot someone else could have written (another uid owns it, or anyone may write
+    it), with an index that vouches for it, is not unpickled: the model loads normally."""
+    import hashlib
+    import logging
+    import os
+    import pickle
+
+    from loader.cache import SNAPSHOT_FILE, _ikey
+    from loader.deps import environment_fingerprint
+    from tests.helpers import iris_frame
+
+    if how == "other owner" and os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    version = version_of(source, "models:/iris/2")
+    prepared = source.prepare(version)
+    expected = list(source.load(prepared, uri="models:/iris/2").predict(iris_frame(3)))
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Planted(str(marker)))
+    snap = prepared.path / SNAPSHOT_FILE
+    snap.write_bytes(evil)
+    cache = source.cache
+    record = cache._index.get(_ikey(prepared.cache_key, False))
+    record["snapshot"] = {
+        "fingerprint": environment_fingerprint(prepared.path),
+        "sha256": hashlib.sha256(evil).hexdigest(),
+        "size": len(evil),
+    }
+    cache._index.set(_ikey(prepared.cache_key, False), record)
+    if how == "other owner":
+        os.chown(snap, 65534, 65534)
+    else:
+        snap.chmod(0o666)
+    caplog.set_level(logging.INFO, logger="loader")
+    model = source.load(prepared, uri="models:/iris/2")
+    assert not marker.exists()
+    assert list(model.predict(iris_frame(3))) == expected
+    assert "load snapshots are not used" in caplog.text and "(snapshot)" not in caplog.text
