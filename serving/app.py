@@ -14,7 +14,7 @@ from aiohttp import web
 
 from serving.config import Config
 from serving.http import admin, mlflow, oip, status
-from serving.http.errors import Style, error_middleware
+from serving.http.errors import Style, error_middleware, install_protocol_errors
 from serving.http.keys import DAEMON
 from serving.runtime.lifecycle import Daemon
 
@@ -26,6 +26,7 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
 
     ``reload`` re-reads the configuration when its file changes (default: the file alone).
     """
+    install_protocol_errors()
     daemon = Daemon(config, reload=reload)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,

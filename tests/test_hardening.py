@@ -290,3 +290,31 @@ async def test_a_compressed_bomb_never_holds_the_event_loop(aiohttp_client, regi
     assert await pings < 0.5
     ok = await client.post("/models/iris/invocations", json=split_payload(iris_frame(1)))
     assert ok.status == 200
+
+
+async def test_unparseable_requests_never_echo_their_bytes(aiohttp_client, registry, cache_dir):
+    """aiohttp's own 400 page quoted the offending request line (an Authorization header
+    included) and logged a traceback per request; ours says why in MLflow's envelope."""
+    import asyncio
+    import json
+
+    client = await start(aiohttp_client, make_config(registry, cache_dir, "models:/iris/2"))
+    port = client.server.port
+    raws = [
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer SECRET123\x01\r\n\r\n",
+        b"GET /SECRET123\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: SECRET123\r\n\r\n",
+    ]
+    for raw in raws:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.") and b" 400 " in head.split(b"\r\n")[0], head
+        assert b"SECRET123" not in answer
+        payload = json.loads(body)
+        assert payload["error_code"] == "BAD_REQUEST"
+        assert payload["message"].startswith("malformed HTTP request: ")
+    assert (await client.get("/ping")).status == 200

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from enum import Enum
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -117,15 +118,27 @@ def error_response(request: web.Request, exc: BaseException, style: Style) -> we
         for name in _KEPT_HEADERS:
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
-    if isinstance(exc, web.HTTPRequestEntityTooLarge) and request.headers.get(
-        "Content-Encoding", "identity"
-    ).lower() not in ("", "identity"):
-        # Never inflate the rest of a compressed body already too large: aiohttp would drain
-        # it through the decompressor without yielding (a 1 MB gzip bomb held every probe for
-        # seconds). Answer and close; a client still sending sees the connection close.
+    if isinstance(exc, web.HTTPRequestEntityTooLarge) and _inflating(request):
+        # Never inflate the rest of a large compressed body already too large: aiohttp would
+        # drain it through the decompressor without yielding (a 1 MB gzip bomb held every
+        # probe for seconds). Answer and close; a client still sending sees the close.
         response.force_close()
         request.protocol.force_close()
     return response
+
+
+#: A compressed remainder up to this size inflates to at most ~64 MB (deflate's ratio is at
+#: most ~1:1000): drained in tens of ms, so the client reads its 413 on a kept connection.
+_DRAIN_COMPRESSED_BYTES = 64 * 1024
+
+
+def _inflating(request: web.Request) -> bool:
+    """Whether draining this request's unread body would inflate a lot on the event loop."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return False
+    length = request.content_length
+    return length is None or length > _DRAIN_COMPRESSED_BYTES
 
 
 def _stack_traces(request: web.Request) -> bool:
@@ -156,6 +169,52 @@ def error_middleware(style: Style) -> Middleware:
             return error_response(request, exc, style)
 
     return errors
+
+
+def install_protocol_errors() -> None:
+    """Replace aiohttp's own error page for requests it cannot parse (bad header bytes, a bad
+    URL, a bad Content-Length...): its body quoted the offending request line, which can be an
+    ``Authorization`` header, and each one logged an ERROR traceback. Ours: MLflow's envelope
+    with the reason only (never the bytes), logged at DEBUG; the connection closes, as before.
+    aiohttp has no setting for this, so its ``RequestHandler.handle_error`` is wrapped once per
+    process."""
+    from aiohttp import web_protocol
+
+    handler_class: Any = web_protocol.RequestHandler
+    if getattr(handler_class, "_modeld_errors", False):
+        return
+    original = handler_class.handle_error
+
+    def handle_error(
+        self: Any,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return original(self, request, status, exc, message)
+        log.debug("unparseable request from %s: %s", request.remote, _reason(exc, message))
+        response = web.Response(
+            status=status,
+            body=mlflow_error_body(
+                _CODES.get(status, "BAD_REQUEST"),
+                f"malformed HTTP request: {_reason(exc, message)}",
+            ),
+            content_type=JSON,
+        )
+        response.force_close()
+        return response
+
+    handler_class.handle_error = handle_error
+    handler_class._modeld_errors = True
+
+
+def _reason(exc: BaseException | None, message: str | None) -> str:
+    """The parser's reason without the request bytes it quotes (its first line)."""
+    text = str(getattr(exc, "message", None) or message or exc or "bad request")
+    first = text.strip().splitlines()[0] if text.strip() else "bad request"
+    return first.rstrip(":").strip()[:200]
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
