@@ -22,10 +22,10 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -134,7 +134,7 @@ class ModelCache:
 
     @staticmethod
     def key(version: ModelVersion) -> str:
-        return f"{urllib.parse.quote(version.name, safe='')}/{version.cache_key}"
+        return f"{dir_name(version.name)}/{version.cache_key}"
 
     def path(self, key: str, *, meta: bool = False) -> Path:
         return self.root / ("meta" if meta else "models") / key
@@ -470,6 +470,19 @@ class ModelCache:
 
 def _ikey(key: str, meta: bool) -> tuple[str, str]:
     return ("meta" if meta else "entry", key)
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+def dir_name(name: str) -> str:
+    """A model name as one directory name: as it is when it is plain ASCII of at most 64
+    characters; otherwise its plain characters (cut) and a digest of the whole. No ``%``: MLflow
+    would decode it out of a path; no long names (ENAMETOOLONG); no ``.`` or ``..``."""
+    if _SAFE_NAME.fullmatch(name):
+        return name
+    plain = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:40] or "model"
+    return f"{plain}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
 def _slug(key: str) -> str:

@@ -252,3 +252,22 @@ def test_a_planted_snapshot_is_never_unpickled(source, caplog, tmp_path, how):
     assert not marker.exists()
     assert list(model.predict(iris_frame(3))) == expected
     assert "load snapshots are not used" in caplog.text and "(snapshot)" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["iris model", "modèle-é", "it's", "100%", "字" * 40, "n" * 200, ".hidden"],
+)
+def test_every_name_mlflow_accepts_is_served(registry, tmp_path, name):
+    """Names that need percent-encoding were cached under an encoded path that MLflow then
+    decoded ("No such artifact"); long ones hit ENAMETOOLONG."""
+    from loader import load_model
+    from loader.cache import dir_name
+    from tests.helpers import iris_frame, register
+
+    register(registry.client(), name, registry.models["const3"])
+    model = load_model(f"models:/{name}/1", cache_dir=tmp_path / "c", tracking_uri=registry.uri)
+    assert list(model.predict(iris_frame(2))) == [3, 3]
+    folder = dir_name(name)
+    assert "%" not in folder and len(folder.encode()) <= 64 and folder not in (".", "..")
+    assert (tmp_path / "c" / "models" / folder).is_dir()
