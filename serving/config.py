@@ -69,6 +69,8 @@ class ServerConfig:
     max_cells: int = 20_000_000
     max_columns: int = 10_000
     request_timeout_s: float = 60.0
+    #: A request body that has not fully arrived after this long: 408, connection closed.
+    body_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
     workers: int = 1
@@ -479,7 +481,7 @@ def _validate(config: Config, problems: list[str]) -> None:
     ):
         if getattr(s, key) < 1:
             problems.append(f"server.{key} = {getattr(s, key)}: expected >= 1")
-    for key in ("request_timeout_s", "drain_timeout_s", "load_timeout_s"):
+    for key in ("request_timeout_s", "body_timeout_s", "drain_timeout_s", "load_timeout_s"):
         if getattr(s, key) <= 0:
             problems.append(f"server.{key} = {getattr(s, key)}: expected > 0")
     if s.max_batch_delay_ms < 0:

@@ -318,3 +318,38 @@ async def test_unparseable_requests_never_echo_their_bytes(aiohttp_client, regis
         assert payload["error_code"] == "BAD_REQUEST"
         assert payload["message"].startswith("malformed HTTP request: ")
     assert (await client.get("/ping")).status == 200
+
+
+async def test_a_body_that_never_arrives_is_answered_and_closed(
+    aiohttp_client, registry, cache_dir
+):
+    """Slow bodies and endless chunked bodies were never closed (3,200 of them ran the
+    server out of descriptors): after server.body_timeout_s they get a 408 and are closed."""
+    import asyncio
+    import json
+
+    config = make_config(registry, cache_dir, "models:/iris/2", server__body_timeout_s=1.0)
+    client = await start(aiohttp_client, config)
+    port = client.server.port
+    heads = [
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"dataframe_split": ',
+        b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"inp\r\n',
+    ]
+    for head in heads:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head)
+        await writer.drain()
+        started = time.perf_counter()
+        answer = await asyncio.wait_for(reader.read(65536), 10)  # then EOF: closed
+        rest = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert time.perf_counter() - started < 5
+        status_line, _, body = answer.partition(b"\r\n")
+        assert b" 408 " in status_line, answer
+        assert b"server.body_timeout_s" in body + rest
+        payload = json.loads((answer + rest).partition(b"\r\n\r\n")[2])
+        assert set(payload) in ({"error"}, {"error_code", "message"})
+    ok = await client.post("/invocations", json=split_payload(iris_frame(1)))
+    assert ok.status == 200

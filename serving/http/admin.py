@@ -25,6 +25,7 @@ from loader.manager import ModelManager
 from serving.http.auth import is_loopback, require_token
 from serving.http.errors import Style, envelope, error_middleware, json_response
 from serving.http.keys import daemon_of
+from serving.http.predict import read_body
 
 log = logging.getLogger(__name__)
 PREFIX = "/admin"
@@ -96,7 +97,7 @@ async def pin(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     daemon.dataplane.require(name)
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(await read_body(request))
     except orjson.JSONDecodeError as exc:
         return envelope(400, f'send {{"version": N}} as JSON ({exc})', "INVALID_PARAMETER_VALUE")
     version = body.get("version") if isinstance(body, dict) else None
@@ -139,7 +140,7 @@ async def webhook(request: web.Request) -> web.Response:
     admin = daemon.config.admin
     if not admin.webhook_secret:
         raise web.HTTPNotFound(text="webhooks are off: set admin.webhook_secret")
-    body = await request.read()
+    body = await read_body(request)
     delivery = request.headers.get("X-MLflow-Delivery-Id", "")
     stamp = request.headers.get("X-MLflow-Timestamp", "")
     signature = request.headers.get("X-MLflow-Signature", "")

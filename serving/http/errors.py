@@ -48,6 +48,7 @@ _CODES = {
     403: "PERMISSION_DENIED",
     404: "RESOURCE_DOES_NOT_EXIST",
     405: "BAD_REQUEST",
+    408: "BAD_REQUEST",
     413: "REQUEST_LIMIT_EXCEEDED",
     415: "BAD_REQUEST",
     503: "TEMPORARILY_UNAVAILABLE",
@@ -118,13 +119,25 @@ def error_response(request: web.Request, exc: BaseException, style: Style) -> we
         for name in _KEPT_HEADERS:
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
-    if isinstance(exc, web.HTTPRequestEntityTooLarge) and _inflating(request):
-        # Never inflate the rest of a large compressed body already too large: aiohttp would
-        # drain it through the decompressor without yielding (a 1 MB gzip bomb held every
-        # probe for seconds). Answer and close; a client still sending sees the close.
-        response.force_close()
-        request.protocol.force_close()
+    if isinstance(exc, web.HTTPRequestTimeout) or (
+        isinstance(exc, web.HTTPRequestEntityTooLarge) and _inflating(request)
+    ):
+        # A body that will not arrive, or a large compressed one already too large (aiohttp
+        # would drain it through the decompressor without yielding: a 1 MB gzip bomb held
+        # every probe for seconds): answer, then close without reading the rest.
+        close_after_answer(request, response)
     return response
+
+
+def close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """Send ``response``, then close the connection without reading what is left of the body.
+
+    aiohttp reads an unread body to its end ("lingering", up to 10 s) before it closes; its
+    only switch is the protocol's lingering time (private: there is no per-request setting).
+    ``force_close()`` on the protocol would drop the answer with the connection."""
+    response.force_close()
+    if hasattr(request.protocol, "_lingering_time"):
+        request.protocol._lingering_time = 0.0
 
 
 #: A compressed remainder up to this size inflates to at most ~64 MB (deflate's ratio is at

@@ -13,7 +13,7 @@ from serving.codecs.base import Limits
 from serving.codecs.mlflow import JSON, MlflowCodec, check_content_type
 from serving.http.errors import Style, json_response
 from serving.http.keys import daemon_of
-from serving.http.predict import answer, prediction, serve_request, version_headers
+from serving.http.predict import answer, prediction, read_body, serve_request, version_headers
 from serving.runtime.dataplane import Served
 from serving.runtime.streaming import Stream, streaming_request
 
@@ -62,7 +62,7 @@ async def model_invocations(request: web.Request) -> web.StreamResponse:
 async def _invoke(request: web.Request, name: str) -> web.StreamResponse:
     served = serve_request(request, name)  # one handle for the whole request
     mime = check_content_type(request.headers.get("Content-Type"))
-    body = await request.read()
+    body = await read_body(request)
     if mime == JSON and b'"stream"' in body:
         document = await asyncio.to_thread(streaming_request, body)
         if document is not None:

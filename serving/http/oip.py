@@ -23,7 +23,7 @@ from serving.codecs.oip import OipCodec, model_metadata
 from serving.http.admin import admin_only
 from serving.http.errors import Style, error_middleware, error_response, json_response
 from serving.http.keys import daemon_of
-from serving.http.predict import answer, prediction, serve_request
+from serving.http.predict import answer, prediction, read_body, serve_request
 from serving.runtime.dataplane import Served
 
 PREFIX = "/v2"
@@ -82,7 +82,7 @@ async def metadata(request: web.Request) -> web.Response:
 @prediction(Style.OIP)
 async def infer(request: web.Request) -> web.Response:
     served = _served(request)
-    body = await request.read()
+    body = await read_body(request)
     codec = OipCodec(request.headers.get("Inference-Header-Content-Length"))
     payload = await daemon_of(request).dataplane.predict(served, body, codec)
     response = answer(request, served, payload)
@@ -185,7 +185,7 @@ async def repository_unload(request: web.Request) -> web.Response:
 
 
 async def _parameters(request: web.Request) -> dict[str, Any]:
-    body = await request.read()
+    body = await read_body(request)
     if not body.strip():
         return {}
     try:

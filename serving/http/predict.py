@@ -67,6 +67,23 @@ def prediction(style: Style) -> Callable[[Handler], Handler]:
     return wrap
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, arriving within ``server.body_timeout_s`` (a client sending it slowly,
+    or a chunked body that never ends, is answered 408 and its connection closed instead of
+    holding a connection and a buffer for ever).
+
+    Raises:
+        web.HTTPRequestTimeout: the body did not arrive in time.
+    """
+    timeout = daemon_of(request).config.server.body_timeout_s
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"the request body did not arrive within {timeout:g}s (server.body_timeout_s)"
+        ) from None
+
+
 def serve_request(request: web.Request, name: str, *, version: str | None = None) -> Served:
     """Resolve the handle answering ``request`` for route ``name`` (once) and remember it.
 
