@@ -9,6 +9,7 @@ aiohttp -> :mod:`serving.http` (route family, auth, errors; or grpc -> :mod:`ser
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -60,5 +61,9 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
     mlflow.add_routes(app)
     status.add_routes(app)
     app.add_subapp(oip.PREFIX, oip.sub_app())
-    app.add_subapp(admin.PREFIX, admin.sub_app())
+
+    def cache_root() -> Any:
+        return daemon.manager.source.cache.root if daemon.manager is not None else None
+
+    app.add_subapp(admin.PREFIX, admin.sub_app(cache_root))
     return app

@@ -353,3 +353,30 @@ async def test_a_body_that_never_arrives_is_answered_and_closed(
         assert set(payload) in ({"error"}, {"error_code", "message"})
     ok = await client.post("/invocations", json=split_payload(iris_frame(1)))
     assert ok.status == 200
+
+
+async def test_a_replayed_webhook_is_refused_by_every_worker(aiohttp_client, registry, cache_dir):
+    """Each worker remembered only the deliveries it saw, so a replay was accepted once per
+    worker; two daemons on one cache now share one record."""
+    import json
+    import uuid
+
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    config = make_config(registry, cache_dir, "models:/iris/2", admin__webhook_secret="whsec")
+    first = await start(aiohttp_client, config)
+    second = await start(aiohttp_client, config)
+    body = json.dumps({"entity": "model_version", "action": "created", "data": {}})
+    delivery, stamp = str(uuid.uuid4()), str(int(time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "X-MLflow-Delivery-Id": delivery,
+        "X-MLflow-Timestamp": stamp,
+        "X-MLflow-Signature": _generate_hmac_signature("whsec", delivery, stamp, body),
+    }
+    ok = await first.post("/admin/webhooks/mlflow", data=body, headers=headers)
+    assert ok.status == 200
+    for client in (second, first):
+        replay = await client.post("/admin/webhooks/mlflow", data=body, headers=headers)
+        assert replay.status == 409 and "already received" in (await replay.json())["message"]
+    assert (cache_dir / "webhook-deliveries.db").is_file()

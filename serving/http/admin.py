@@ -8,15 +8,15 @@ poll: the poll stays the source of truth (MLflow sends no event for stage transi
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import collections
 import functools
 import hashlib
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -26,23 +26,25 @@ from serving.http.auth import is_loopback, require_token
 from serving.http.errors import Style, envelope, error_middleware, json_response
 from serving.http.keys import daemon_of
 from serving.http.predict import read_body
+from serving.runtime.deliveries import DeliveryLedger
 
 log = logging.getLogger(__name__)
 PREFIX = "/admin"
 WEBHOOK_PATH = "/webhooks/mlflow"
-_SEEN_DELIVERIES = 4096
-SEEN: web.AppKey[collections.OrderedDict[str, None]] = web.AppKey("webhook_deliveries")
+LEDGER: web.AppKey[DeliveryLedger] = web.AppKey("webhook_deliveries")
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def sub_app() -> web.Application:
+def sub_app(cache_root: Callable[[], Any]) -> web.Application:
+    """The /admin routes; webhook deliveries are remembered beside the cache ``cache_root()``
+    names (shared by every worker on that volume)."""
     app = web.Application(middlewares=[error_middleware(Style.MLFLOW)])
+    app[LEDGER] = DeliveryLedger(cache_root)
     app.router.add_post("/refresh", refresh_all)
     app.router.add_post("/models/{name}/refresh", refresh_one)
     app.router.add_post("/models/{name}/pin", pin)
     app.router.add_delete("/models/{name}/pin", unpin)
     app.router.add_post(WEBHOOK_PATH, webhook)
-    app[SEEN] = collections.OrderedDict()
     return app
 
 
@@ -159,12 +161,9 @@ async def webhook(request: web.Request) -> web.Response:
         return envelope(401, "webhook signature does not match admin.webhook_secret")
     if abs(time.time() - int(stamp)) > admin.webhook_max_age_s:
         return envelope(401, f"webhook timestamp is more than {admin.webhook_max_age_s:.0f}s off")
-    seen = request.app[SEEN]
-    if delivery in seen:
+    ledger = request.app[LEDGER]
+    if not await asyncio.to_thread(ledger.first_time, delivery, max_age_s=admin.webhook_max_age_s):
         return envelope(409, f"webhook delivery {delivery[:64]} was already received")
-    seen[delivery] = None
-    while len(seen) > _SEEN_DELIVERIES:
-        seen.popitem(last=False)
     log.info("registry webhook %s: polling now", delivery[:64])
     if daemon.follower is not None:
         daemon.follower.poke()
