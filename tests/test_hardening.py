@@ -380,3 +380,32 @@ async def test_a_replayed_webhook_is_refused_by_every_worker(aiohttp_client, reg
         replay = await client.post("/admin/webhooks/mlflow", data=body, headers=headers)
         assert replay.status == 409 and "already received" in (await replay.json())["message"]
     assert (cache_dir / "webhook-deliveries.db").is_file()
+
+
+async def test_a_client_that_goes_away_is_counted_as_such(
+    aiohttp_client, registry, cache_dir, tmp_path, caplog
+):
+    """A client that disconnects mid-prediction was counted as status 500 (a server error);
+    it is 499 (client closed), logged at DEBUG."""
+    import asyncio
+    import logging
+
+    import aiohttp
+
+    from tests.helpers import save_slow_model
+
+    slow = save_slow_model(tmp_path / "slow", answer=7)
+    client = await start(aiohttp_client, make_config(registry, cache_dir, f"slow={slow}"))
+    url = f"http://127.0.0.1:{client.server.port}/models/slow/invocations"
+    body = {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}
+    caplog.set_level(logging.DEBUG, logger="serving")
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            await session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=0.3))
+    await asyncio.sleep(1.5)  # the slow predict ends meanwhile
+    text = await (await client.get("/metrics")).text()
+    counted = [line for line in text.splitlines() if line.startswith("modeld_requests_total")]
+    assert any('status="499"' in line for line in counted), counted
+    assert not any('status="500"' in line for line in counted), counted
+    assert "the client closed the connection" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 from collections.abc import Awaitable, Callable
 
@@ -26,7 +27,10 @@ HEADER_VERSION = "X-Model-Version"
 HEADER_ROUTE = "X-Model-Route"
 HEADER_STALE = "X-Model-Stale"
 HEADER_WORKER = "X-Modeld-Worker"
+#: The status counted for a request whose client went away before its answer (nginx's 499).
+CLIENT_CLOSED = 499
 
+log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -47,6 +51,10 @@ def prediction(style: Style) -> Callable[[Handler], Handler]:
                     require_token(request, daemon.config.server.token, setting="server.token")
                     response = await handler(request)
                 except asyncio.CancelledError:
+                    # The client went away (or the server stops): not a server error.
+                    status = CLIENT_CLOSED
+                    log.debug("%s %s: the client closed the connection", request.method,
+                              request.path[:200])  # fmt: skip
                     raise
                 except Exception as exc:
                     response = error_response(request, exc, style)
