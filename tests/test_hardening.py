@@ -409,3 +409,36 @@ async def test_a_client_that_goes_away_is_counted_as_such(
     assert not any('status="500"' in line for line in counted), counted
     assert "the client closed the connection" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_large_decode_never_holds_the_models_predict_thread(
+    aiohttp_client, registry, cache_dir
+):
+    """A large CSV body is parsed on the decode threads: a small request to the same model
+    (one predict thread) is answered meanwhile, not after the parse."""
+    import asyncio
+
+    client = await start(aiohttp_client, make_config(registry, cache_dir, "models:/iris/2"))
+    columns = 4000
+    header = ",".join(f"c{i}" for i in range(columns))
+    row = ",".join("1.5" for _ in range(columns))
+    big = (header + "\n" + "\n".join([row] * 2800)).encode()  # ~45 MB of CSV
+    assert len(big) > 5_000_000
+
+    async def post_big() -> float:
+        started = time.perf_counter()
+        resp = await client.post(
+            "/models/iris/invocations", data=big, headers={"Content-Type": "text/csv"}
+        )
+        assert resp.status == 400  # not the model's columns: refused after the parse
+        return time.perf_counter() - started
+
+    task = asyncio.create_task(post_big())
+    await asyncio.sleep(0.3)  # the big body is being parsed
+    started = time.perf_counter()
+    small = await client.post("/models/iris/invocations", json=split_payload(iris_frame(1)))
+    small_s = time.perf_counter() - started
+    big_s = await task
+    assert small.status == 200
+    assert big_s > 0.8, f"the parse took {big_s:.2f}s: too quick to show anything"
+    assert small_s < big_s / 2, (small_s, big_s)

@@ -89,11 +89,18 @@ class RouteWorker:
     def threads(self) -> int:
         return len(self._threads)
 
-    def submit(self, handle: ModelHandle, body: bytes, codec: Codec) -> asyncio.Future[bytes]:
-        """Queue one request; the future resolves to the encoded response body."""
+    def submit(
+        self,
+        handle: ModelHandle,
+        body: bytes,
+        codec: Codec,
+        decoded: Decoded | None = None,
+    ) -> asyncio.Future[bytes]:
+        """Queue one request (``decoded`` when it was decoded elsewhere); the future resolves
+        to the encoded response body."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        self._queue.put(_Job(handle, body, codec, future, loop))
+        self._queue.put(_Job(handle, body, codec, future, loop, decoded))
         return future
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -172,11 +179,12 @@ class RouteWorker:
         for job in jobs:
             if job.future.cancelled():  # timed out or client gone while queued
                 continue
-            try:
-                job.request = job.codec.decode(job.body, job.handle.model)
-            except Exception as exc:
-                _fail(job, exc)
-                continue
+            if job.request is None:  # a small body: decoded here, no hop
+                try:
+                    job.request = job.codec.decode(job.body, job.handle.model)
+                except Exception as exc:
+                    _fail(job, exc)
+                    continue
             job.body = b""
             job.key = self._batch_key(job)
             ready.append(job)
