@@ -27,7 +27,7 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
 
     ``reload`` re-reads the configuration when its file changes (default: the file alone).
     """
-    install_protocol_errors()
+    install_protocol_errors(config.server.max_connections)
     daemon = Daemon(config, reload=reload)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,

@@ -71,6 +71,8 @@ class ServerConfig:
     request_timeout_s: float = 60.0
     #: A request body that has not fully arrived after this long: 408, connection closed.
     body_timeout_s: float = 30.0
+    #: Open connections kept; more are closed at once (0: 80% of the descriptor limit).
+    max_connections: int = 0
     drain_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
     workers: int = 1
@@ -471,6 +473,8 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append("server.workers > 1 needs a TCP port: one Unix socket cannot be shared")
     if s.workers > 1 and s.port == 0:
         problems.append("server.workers > 1 needs a fixed server.port (not 0)")
+    if s.max_connections < 0:
+        problems.append(f"server.max_connections = {s.max_connections}: expected >= 0")
     for key in (
         "max_body_bytes",
         "max_cells",

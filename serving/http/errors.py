@@ -184,19 +184,55 @@ def error_middleware(style: Style) -> Middleware:
     return errors
 
 
-def install_protocol_errors() -> None:
+#: Open connections one process keeps (0: no cap); set by :func:`install_protocol_errors`.
+_connection_cap = {"limit": 0, "logged": False}
+
+
+def connection_cap(configured: int) -> int:
+    """The connection cap: ``configured``, else (0) the descriptor limit less a reserve for
+    models, the cache and logs, so a flood of connections meets a cap and one log line
+    instead of EMFILE on every accept."""
+    if configured:
+        return configured
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(16, int(soft * 0.8) - 64)
+
+
+def install_protocol_errors(max_connections: int = 0) -> None:
     """Replace aiohttp's own error page for requests it cannot parse (bad header bytes, a bad
     URL, a bad Content-Length...): its body quoted the offending request line, which can be an
     ``Authorization`` header, and each one logged an ERROR traceback. Ours: MLflow's envelope
     with the reason only (never the bytes), logged at DEBUG; the connection closes, as before.
-    aiohttp has no setting for this, so its ``RequestHandler.handle_error`` is wrapped once per
-    process."""
+    Also caps open connections at ``max_connections`` (see :func:`connection_cap`): one over
+    is closed at once, and the first time is logged. aiohttp has settings for neither, so its
+    ``RequestHandler.handle_error`` and ``connection_made`` are wrapped once per process."""
     from aiohttp import web_protocol
 
+    _connection_cap["limit"] = connection_cap(max_connections)
     handler_class: Any = web_protocol.RequestHandler
     if getattr(handler_class, "_modeld_errors", False):
         return
     original = handler_class.handle_error
+    original_made = handler_class.connection_made
+
+    def connection_made(self: Any, transport: Any) -> None:
+        original_made(self, transport)
+        limit = _connection_cap["limit"]
+        manager = getattr(self, "_manager", None)
+        if limit and manager is not None and len(manager.connections) > limit:
+            if not _connection_cap["logged"]:
+                _connection_cap["logged"] = True
+                log.warning(
+                    "%d open connections: new ones are closed at once until some end "
+                    "(server.max_connections = %d; logged once)",
+                    len(manager.connections),
+                    limit,
+                )
+            transport.close()
 
     def handle_error(
         self: Any,
@@ -220,6 +256,7 @@ def install_protocol_errors() -> None:
         return response
 
     handler_class.handle_error = handle_error
+    handler_class.connection_made = connection_made
     handler_class._modeld_errors = True
 
 
