@@ -206,9 +206,9 @@ def test_redact_table(text, clean):
 
 async def test_decoded_size_is_bounded_before_decoding(aiohttp_client, registry, cache_dir):
     """A small Parquet body declaring millions of rows (it took the server to 4.6 GB), a CSV
-    of 100 k columns (12 s of a model's only thread), a JSON body of too many rows: each is a
-    413 naming the bound, told from metadata or bytes before anything is built, and the model
-    keeps answering."""
+    of 100 k columns (12 s of a model's only thread), a JSON body too wide: each is a 413
+    naming the bound, told from metadata or bytes before anything is built, and the model keeps
+    answering. (A text body's cells are bounded by its bytes: a 60 MB JSON body answers.)"""
     import io
 
     import numpy as np
@@ -226,13 +226,13 @@ async def test_decoded_size_is_bounded_before_decoding(aiohttp_client, registry,
     bomb = buffer.getvalue()
     assert len(bomb) < 200_000
     wide = (",".join(f"c{i}" for i in range(100_000)) + "\n" + ",".join(["1"] * 100_000)).encode()
-    many = {
-        "dataframe_split": {"columns": list(iris_frame(1).columns), "data": [[1.0] * 4] * 300_000}
+    wide_json = {
+        "dataframe_split": {"columns": [f"c{i}" for i in range(600)], "data": [[1.0] * 600]}
     }
     cases = [
         (bomb, "application/vnd.apache.parquet", "server.max_cells"),
         (wide, "text/csv", "server.max_columns"),
-        (__import__("orjson").dumps(many), "application/json", "server.max_cells"),
+        (__import__("orjson").dumps(wide_json), "application/json", "server.max_columns"),
     ]
     for body, mime, words in cases:
         started = time.perf_counter()
@@ -481,3 +481,50 @@ async def test_connections_beyond_the_cap_are_closed_with_one_log_line(
     ok = await client.post("/invocations", json=split_payload(iris_frame(1)))
     assert ok.status == 200
     errors.install_protocol_errors(0)  # back to the default cap for the other tests
+
+
+def test_a_process_holding_tokens_is_not_dumpable(registry, tmp_path):
+    """Tokens in memory: no core file, no ptrace or /proc/PID/mem reads by other processes
+    of the user (prctl PR_SET_DUMPABLE 0); without any, the process is left as it is."""
+    code = (
+        "import ctypes, sys\n"
+        "from serving.cli.serve import keep_secrets_in\n"
+        "from serving.config import load_config\n"
+        "token = sys.argv[1]\n"
+        "config = load_config(env={}, overrides={'server.token': token or None})\n"
+        "print(keep_secrets_in(config), ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))\n"  # GET
+    )
+    results = []
+    for token in ("s3cret", ""):
+        done = subprocess.run(
+            [sys.executable, "-c", code, token],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(done.stdout.split())
+    assert results == [["True", "0"], ["False", "1"]]
+
+
+@pytest.mark.slow
+async def test_a_large_legitimate_body_still_answers(aiohttp_client, registry, cache_dir):
+    """The bounds refuse bombs, not big requests: a ~60 MB JSON body of iris rows (under the
+    64 MiB default body limit) is answered, one prediction per row."""
+    import orjson
+
+    client = await start(aiohttp_client, make_config(registry, cache_dir, "models:/iris/2"))
+    rows = 3_400_000
+    body = orjson.dumps(
+        {
+            "dataframe_split": {
+                "columns": list(iris_frame(1).columns),
+                "data": [[5.1, 3.5, 1.4, 0.2]] * rows,
+            }
+        }
+    )
+    assert 50_000_000 < len(body) < 64 * 1024 * 1024
+    resp = await client.post(
+        "/models/iris/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 200, (await resp.text())[:300]
+    answer = orjson.loads(await resp.read())
+    assert len(answer["predictions"]) == rows and set(answer["predictions"]) == {2}

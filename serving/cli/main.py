@@ -12,7 +12,7 @@ from typing import Any
 
 from loader.deps import ENV_MANAGERS, POLICIES
 from serving.cli.ops import add_commands, run_operation
-from serving.cli.serve import bind, cannot_listen, serve
+from serving.cli.serve import bind, cannot_listen, keep_secrets_in, serve
 from serving.config import (
     MLFLOW_TIMEOUT_ENV,
     MLFLOW_WORKERS_ENV,
@@ -235,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bind(config.server.host, config.server.port, reuse_port=True).close()
         except OSError as exc:
             return cannot_listen(config.server.host, config.server.port, exc)
+        keep_secrets_in(config)  # the supervisor read the tokens too
         return supervise(
             given,
             config.server.workers,

@@ -16,6 +16,7 @@ from serving.config import Config
 log = logging.getLogger("modeld")
 EXIT_CANNOT_LISTEN = 1
 BACKLOG = 128
+PR_SET_DUMPABLE = 4
 
 
 def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -38,6 +39,22 @@ def cannot_listen(host: str, port: int, exc: OSError) -> int:
     return EXIT_CANNOT_LISTEN
 
 
+def keep_secrets_in(config: Config) -> bool:
+    """With a token or webhook secret loaded, make this process non-dumpable (Linux): no core
+    file, and no ptrace or /proc/PID/mem by other processes of the same user, can read them
+    out of memory. Returns whether it did."""
+    secrets = (config.server.token, config.admin.token, config.admin.webhook_secret)
+    if not any(secrets) or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
 def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     from aiohttp import web
 
@@ -45,6 +62,8 @@ def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     from serving.logsetup import setup_logging
 
     setup_logging(config.server.log_level, config.server.log_format)
+    if keep_secrets_in(config):
+        log.debug("tokens loaded: this process is not dumpable")
     server = config.server
     sock = None
     if not server.unix_socket and server.workers == 1:

@@ -42,20 +42,23 @@ class TooLarge(ProtocolError):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What one request may decode to: the body's bytes bound the wire, these the memory
-    (a 541 KB Parquet file can declare 30 million rows)."""
+    """What one request may decode to. The body's bytes bound a text body's cells (JSON, CSV:
+    a number takes at least two bytes); its columns each cost a pandas column, so they are
+    bounded for every format; a Parquet body is compressed, so its cells are bounded too (a
+    541 KB file can declare 30 million rows)."""
 
     max_cells: int = 20_000_000  #: rows x columns (~160 MB as float64)
     max_columns: int = 10_000
 
-    def check(self, rows: int, columns: int, what: str) -> None:
-        """Raises :class:`TooLarge` when ``rows`` x ``columns`` is beyond the bounds."""
+    def check(self, rows: int | None, columns: int, what: str) -> None:
+        """Raises :class:`TooLarge` when ``columns``, or ``rows`` x ``columns`` (None: a text
+        body, whose cells its bytes already bound), is beyond the bounds."""
         if columns > self.max_columns:
             raise TooLarge(
                 f"{what} has {columns} columns; this server takes at most {self.max_columns} "
                 "(server.max_columns)"
             )
-        if rows * max(columns, 1) > self.max_cells:
+        if rows is not None and rows * max(columns, 1) > self.max_cells:
             raise TooLarge(
                 f"{what} has {rows} rows x {columns} columns = {rows * max(columns, 1)} cells; "
                 f"this server takes at most {self.max_cells} (server.max_cells)"
