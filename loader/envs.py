@@ -295,14 +295,6 @@ class EnvStore:
         self.evict()
         return info
 
-    def find(self, spec: EnvSpec) -> EnvInfo | None:
-        """The cached environment for ``spec``, if one is built (no build, no check)."""
-        try:
-            interp = pick_python(spec, find_pythons(self.pythons), "model")
-        except EnvBuildError:
-            return None
-        return _read_manifest(self.root / self.key(spec, interp))
-
     @contextlib.contextmanager
     def lease(self, info: EnvInfo) -> Iterator[None]:
         """Hold ``info`` in use (a shared lock: :meth:`gc` leaves it alone) until exit."""
@@ -549,9 +541,6 @@ class EnvStore:
             entry["last_used"] = _last_used(path)
             out.append(entry)
         return sorted(out, key=lambda e: e["last_used"], reverse=True)
-
-    def total_bytes(self) -> int:
-        return sum(int(e["size_bytes"]) for e in self.entries())
 
     def gc(self, *, keep_bytes: int | None = 0) -> list[str]:
         """Remove environments no process holds, least recently used first, until the

@@ -168,18 +168,20 @@ class _Worker:
                 f"{self.label}: its worker {why} before loading the model"
                 f"{_exit_text(proc)}: {self._tail_text()}"
             ) from exc
-        if not hello.get("ok"):
-            proc.wait(10)
+        if not hello.get("ok") or hello.get("protocol") != PROTOCOL:
+            _kill(proc)  # it exits on its own after a failed load; never wait on it unbounded
             for s in ours:
                 s.close()
-            err = hello.get("error") or {}
+            if not hello.get("ok"):
+                err = hello.get("error") or {}
+                raise ModelLoadError(
+                    f"mlflow.pyfunc.load_model failed in the environment {self.env.key}: "
+                    f"{err.get('type')}: {_first_line(str(err.get('message')))}"
+                )
             raise ModelLoadError(
-                f"mlflow.pyfunc.load_model failed in the environment {self.env.key}: "
-                f"{err.get('type')}: {_first_line(str(err.get('message')))}"
+                f"{self.label}: its worker speaks protocol {hello.get('protocol')}, this modeld "
+                f"{PROTOCOL}: rebuild the environment (modeld env gc)"
             )
-        if hello.get("protocol") != PROTOCOL:
-            _kill(proc)
-            raise ModelLoadError(f"{self.label}: its worker speaks another protocol")
         with self._cond:
             if self._state == "closed":
                 _kill(proc)

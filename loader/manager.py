@@ -131,6 +131,12 @@ class RouteSpec:
     #: This route's dependency policy (None: the pipeline's), e.g. ``isolate`` for one model.
     dependency_policy: Policy | None = None
 
+    def options(self) -> dict[str, Any]:
+        """Every field but name and uri: the keywords of :meth:`ModelManager.add`/``update``."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "uri")
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class RouteStatus:
@@ -367,7 +373,7 @@ class ModelManager:
         for spec in specs:
             if spec.name in wanted:
                 raise ConfigError("models.name", spec.name, "a route name used once")
-            _checked_spec(spec.name, spec.uri, _options(spec))
+            _checked_spec(spec.name, spec.uri, spec.options())
             wanted[spec.name] = spec
         changed = []
         with self._refresh_lock:
@@ -376,10 +382,10 @@ class ModelManager:
                 log.info("stopped serving %s", name)
             for name, spec in wanted.items():
                 if name not in self._routes:
-                    self.add(name, spec.uri, **_options(spec))
+                    self.add(name, spec.uri, **spec.options())
                     log.info("now serving %s = %s", name, spec.uri)
                 elif self._routes[name].spec != spec:
-                    self.update(name, spec.uri, **_options(spec))
+                    self.update(name, spec.uri, **spec.options())
                     log.info("%s now follows %s", name, spec.uri)
                 else:
                     continue
@@ -820,12 +826,6 @@ def _checked_spec(
     if spec.model_config is not None and not isinstance(spec.model_config, dict):
         raise ConfigError(f"models.{name}.model_config", spec.model_config, "a table (dict)")
     return spec, ref
-
-
-def _options(spec: RouteSpec) -> dict[str, Any]:
-    return {
-        f.name: getattr(spec, f.name) for f in fields(RouteSpec) if f.name not in ("name", "uri")
-    }
 
 
 def _route_status(route: Route) -> RouteStatus:

@@ -159,10 +159,11 @@ async def repository_load(request: web.Request) -> web.Response:
     target = uri or (spec.uri if spec else "")
 
     def load() -> None:
+        # The route's own options stay (a served route's, else the configured ones).
         if manager.serves(name):
-            manager.update(name, target)
+            manager.update(name, target, **manager.route(name).spec.options())
         else:
-            manager.add(name, target, **({} if uri or spec is None else _spec_options(spec)))
+            manager.add(name, target, **(spec.options() if spec is not None else {}))
         manager.refresh([name], force=True)
 
     await daemon.in_load_pool(load)  # a bad URI or option: 400 with the accepted forms
@@ -196,16 +197,6 @@ async def _parameters(request: web.Request) -> dict[str, Any]:
     if not isinstance(parameters, dict):
         raise ProtocolError('expected {"parameters": {...}}')
     return parameters
-
-
-def _spec_options(spec: Any) -> dict[str, Any]:
-    return {
-        "swap": spec.swap,
-        "warmup": spec.warmup,
-        "warmup_example": spec.warmup_example,
-        "model_config": spec.model_config,
-        "dependency_policy": spec.dependency_policy,
-    }
 
 
 def _served(request: web.Request) -> Served:
