@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from loader import lean
 from loader.deps import POLICIES, DependencyReport, Policy
 from loader.envs import EnvInfo
 from loader.errors import (
@@ -34,6 +35,7 @@ from loader.errors import (
     RegistryUnavailable,
 )
 from loader.isolated import IsolatedModel
+from loader.lean import CallPath, LeanCall
 from loader.pipeline import ModelSource, Prepared, Resolution
 from loader.policy import (
     SWAP_POLICIES,
@@ -82,10 +84,18 @@ class ModelHandle:
     prepared: Prepared
     stale: bool
     loaded_at: float
+    #: How conformant requests call the model (the lean call or the pyfunc path), decided at
+    #: warm-up; None when no warm-up ran.
+    call: CallPath | None = None
 
     @property
     def label(self) -> str:
         return self.version.label
+
+    @property
+    def lean(self) -> LeanCall | None:
+        """The estimator's own method on a conformant matrix, when proven the same answer."""
+        return self.call.lean if self.call is not None else None
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
         if params:
@@ -161,6 +171,8 @@ class RouteStatus:
     #: The isolated environment serving (None: in this process), and its worker's state.
     environment: EnvInfo | None = None
     worker: dict[str, Any] | None = None
+    #: How the answering version's conformant requests call the model (lean or pyfunc).
+    call: CallPath | None = None
 
     @property
     def ready(self) -> bool:
@@ -204,6 +216,7 @@ class RouteStatus:
             "history": [r.to_dict() for r in self.history],
             "environment": self.environment.to_dict() if self.environment else None,
             "env_worker": self.worker,
+            "predict_call": self.call.to_dict() if self.call else None,
         }
 
 
@@ -613,7 +626,7 @@ class ModelManager:
                 lease.enter_context(self.source.cache.lease(prepared.cache_key))
             # Its own bound (environments.build_timeout_s): a build is not a hung load.
             env = self._step("env", lambda: self.source.environment(prepared, policy=policy))
-            model, load_s, warmup_s = self._bounded(
+            model, load_s, warmup_s, call = self._bounded(
                 lambda: self._load_and_warm(route, prepared, answer, env), version.label
             )
         except _StepFailed as failed:
@@ -634,6 +647,7 @@ class ModelManager:
             prepared=prepared,
             stale=answer.stale,
             loaded_at=self.clock(),
+            call=call,
         )
         old_lease = route.lease
         route.handle, route.lease = handle, lease
@@ -677,7 +691,7 @@ class ModelManager:
 
     def _load_and_warm(
         self, route: Route, prepared: Prepared, answer: Resolution, env: EnvInfo | None
-    ) -> tuple[Any, float, float]:
+    ) -> tuple[Any, float, float, CallPath | None]:
         started = time.perf_counter()
         spec = route.spec
         model = self._step(
@@ -691,10 +705,13 @@ class ModelManager:
             ),
         )
         load_s = time.perf_counter() - started
+        call = None
         if spec.warmup:
             example = spec.warmup_example or PyFuncLoader(prepared.path).input_example()
             self._step("warm-up", lambda: warm_up(model, example, answer.version.label))
-        return model, load_s, time.perf_counter() - started - load_s
+            call = self._step("warm-up", lambda: lean.decide(model, example))
+            log.debug("%s: %s call (%s)", answer.version.label, call.name, call.reason)
+        return model, load_s, time.perf_counter() - started - load_s, call
 
     def _bounded(self, work: Callable[[], Any], label: str) -> Any:
         """Run ``work`` in its own thread, giving up after ``load_timeout_s``.
@@ -851,4 +868,5 @@ def _route_status(route: Route) -> RouteStatus:
         history=tuple(route.history),
         environment=getattr(getattr(model, "modeld", None), "environment", None),
         worker=model.worker if isinstance(model, IsolatedModel) else None,
+        call=handle.call if handle is not None else None,
     )

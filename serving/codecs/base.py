@@ -7,7 +7,6 @@ error map of ``serving.http`` decides the status and the envelope.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,25 +81,6 @@ def mlflow_error_body(error_code: str, message: str, stack_trace: str | None = N
 def oip_error_body(message: str) -> bytes:
     """The Open Inference Protocol's error envelope, ``{"error": ...}``."""
     return orjson.dumps({"error": bound(message)})
-
-
-class ModelMemo:
-    """Facts about a loaded model, kept as long as the model lives.
-
-    (PyFuncModel is unhashable, so a WeakKeyDictionary cannot hold it: key by identity and let a
-    weak reference's callback drop the entry.)
-    """
-
-    def __init__(self) -> None:
-        self._data: dict[int, tuple[weakref.ref[Any], Any]] = {}
-
-    def get(self, model: Any, default: Any = None) -> Any:
-        entry = self._data.get(id(model))
-        return entry[1] if entry is not None and entry[0]() is model else default
-
-    def set(self, model: Any, value: Any) -> None:
-        key = id(model)
-        self._data[key] = (weakref.ref(model, lambda _: self._data.pop(key, None)), value)
 
 
 @dataclass(slots=True)

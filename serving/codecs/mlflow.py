@@ -7,18 +7,17 @@ Parsing and schema handling reuse MLflow's own scoring-server functions so behav
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 from typing import Any
 
 import orjson
 
+from loader.lean import numeric_layout
 from serving.codecs.base import (
     Codec,
     Decoded,
     Limits,
-    ModelMemo,
     ProtocolError,
     UnsupportedMediaType,
 )
@@ -30,10 +29,6 @@ CSV = "text/csv"
 PARQUET = "application/vnd.apache.parquet"
 CONTENT_TYPES = (JSON, CSV, PARQUET)
 FORMAT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
-
-_MISSING = object()
-#: Per-model answer of numeric_layout (its signature does not change once loaded).
-_LAYOUTS = ModelMemo()
 
 
 def parse_content_type(header: str | None) -> tuple[str, dict[str, str]]:
@@ -312,35 +307,6 @@ def _numeric_columns(columns: dict[str, Any], names: list[str], dtype: Any) -> A
 def _all_numbers(cells: list[Any]) -> bool:
     """Every cell a JSON number (bool is not one)."""
     return all(type(cell) is float or type(cell) is int for cell in cells)
-
-
-def numeric_layout(model: Any) -> tuple[Any, list[str]] | None:
-    """(numpy dtype, input names) of a model whose signature is all required double (or all
-    required float) columns, else None: the models whose requests can take the conformant
-    path; remembered per model."""
-    cached = _LAYOUTS.get(model, _MISSING)
-    if cached is not _MISSING:
-        return cached
-    layout = None
-    try:
-        schema = predict_input_schema(model)
-        # A signature from type hints gets its "inputs" unparsed (MLflow's rule): no fast path.
-        from_hints = model.metadata._is_signature_from_type_hint()
-        if (
-            schema is not None
-            and not from_hints
-            and not schema.is_tensor_spec()
-            and schema.has_input_names()
-        ):
-            types = {getattr(spec.type, "name", None) for spec in schema.inputs}
-            required = all(getattr(spec, "required", True) for spec in schema.inputs)
-            if required and types in ({"double"}, {"float"}):
-                layout = (schema.numpy_types()[0], schema.input_names())
-    except Exception:
-        layout = None
-    with contextlib.suppress(TypeError):  # models that refuse weak references: not cached
-        _LAYOUTS.set(model, layout)
-    return layout
 
 
 def encode(predictions: Any, *, unwrapped: bool = False) -> bytes:

@@ -24,8 +24,9 @@ from typing import Any
 
 import orjson
 
+from loader.lean import LeanCall, ModelMemo
 from loader.manager import ModelHandle
-from serving.codecs.base import Codec, Decoded, ModelMemo, conformant_frame
+from serving.codecs.base import Codec, Decoded, conformant_frame
 from serving.runtime.predict import predict
 
 log = logging.getLogger(__name__)
@@ -226,11 +227,15 @@ class RouteWorker:
         assert request is not None
         try:
             model = job.handle.model
+            lean = _lean(job.handle, request)
             result = predict(
                 model,
-                request.model_input(blocks=getattr(model, "takes_blocks", False)),
+                request.matrix
+                if lean is not None
+                else request.model_input(blocks=getattr(model, "takes_blocks", False)),
                 request.params,
                 conformant=request.conformant,
+                lean=lean,
             )
             body = job.codec.encode(result, request, job.handle)
         except Exception as exc:
@@ -243,13 +248,15 @@ class RouteWorker:
         first = group[0].request
         assert first is not None
         model = group[0].handle.model
+        lean = _lean(group[0].handle, first)  # the key holds model, params, conformance
         frame = _stack(
             [j.request for j in group],  # type: ignore[misc]
             blocks=getattr(model, "takes_blocks", False),
+            matrix=lean is not None,
         )
         total = len(frame)
         try:
-            result = predict(model, frame, first.params, conformant=first.conformant)
+            result = predict(model, frame, first.params, conformant=first.conformant, lean=lean)
         except Exception:
             for job in group:  # attribute the failure to the request(s) that cause it
                 self._predict_one(job)
@@ -287,18 +294,28 @@ class RouteWorker:
             self.stats.largest = max(self.stats.largest, n)
 
 
-def _stack(requests: list[Decoded], *, blocks: bool = False) -> Any:
-    """One model input holding every request's rows, in order (see ``Decoded.model_input``)."""
+def _lean(handle: ModelHandle, request: Decoded) -> LeanCall | None:
+    """The handle's lean call, for a conformant request without params (else None)."""
+    if request.matrix is None or request.params or not request.conformant:
+        return None
+    return handle.lean
+
+
+def _stack(requests: list[Decoded], *, blocks: bool = False, matrix: bool = False) -> Any:
+    """One model input holding every request's rows, in order (see ``Decoded.model_input``);
+    with ``matrix``, the conformant rows as one matrix (for the lean call)."""
     first = requests[0]
     if first.matrix is not None:
         import numpy as np
 
-        matrix = np.concatenate([r.matrix for r in requests])
+        rows = np.concatenate([r.matrix for r in requests])
+        if matrix:
+            return rows
         if blocks:
             from loader.envworker import Block
 
-            return Block(matrix, first.columns or [])
-        return conformant_frame(matrix, first.columns)
+            return Block(rows, first.columns or [])
+        return conformant_frame(rows, first.columns)
     import pandas as pd
 
     return pd.concat([r.data for r in requests], ignore_index=True)
