@@ -25,7 +25,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def numeric_layout(model: Any) -> tuple[Any, list[str]] | None:
     remembered per model."""
     cached = _LAYOUTS.get(model, _MISSING)
     if cached is not _MISSING:
-        return cached  # type: ignore[no-any-return]
+        return cast("tuple[Any, list[str]] | None", cached)
     layout = None
     try:
         schema = model.metadata.get_input_schema()

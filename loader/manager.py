@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from loader import lean
 from loader.deps import POLICIES, DependencyReport, Policy
 from loader.envs import EnvInfo
 from loader.errors import (
@@ -35,7 +34,7 @@ from loader.errors import (
     RegistryUnavailable,
 )
 from loader.isolated import IsolatedModel
-from loader.lean import CallPath, LeanCall
+from loader.lean import CallPath, LeanCall, decide
 from loader.pipeline import ModelSource, Prepared, Resolution
 from loader.policy import (
     SWAP_POLICIES,
@@ -709,7 +708,7 @@ class ModelManager:
         if spec.warmup:
             example = spec.warmup_example or PyFuncLoader(prepared.path).input_example()
             self._step("warm-up", lambda: warm_up(model, example, answer.version.label))
-            call = self._step("warm-up", lambda: lean.decide(model, example))
+            call = self._step("warm-up", lambda: decide(model, example))
             log.debug("%s: %s call (%s)", answer.version.label, call.name, call.reason)
         return model, load_s, time.perf_counter() - started - load_s, call
 

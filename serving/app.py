@@ -32,6 +32,9 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[error_middleware(Style.MLFLOW)],
+        # Bodies are decoded by read_body, off the loop and bounded (aiohttp inflates them
+        # as they arrive, on the loop, whoever reads them).
+        handler_args={"auto_decompress": False},
     )
     app[DAEMON] = daemon
 
@@ -60,7 +63,9 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
         app.cleanup_ctx.append(grpc_transport)
     mlflow.add_routes(app)
     status.add_routes(app)
-    app.add_subapp(oip.PREFIX, oip.sub_app())
+    v2 = oip.sub_app()
+    v2[DAEMON] = daemon  # read per request: one lookup, not a chain of the apps' mappings
+    app.add_subapp(oip.PREFIX, v2)
 
     def cache_root() -> Any:
         return daemon.manager.source.cache.root if daemon.manager is not None else None

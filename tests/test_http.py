@@ -347,3 +347,39 @@ async def test_an_inflated_body_is_bounded_by_max_body_bytes(aiohttp_client, reg
         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
     )
     assert resp.status == 413 and (await resp.json())["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+
+
+async def test_compressed_bodies_are_decoded_and_unknown_encodings_refused(iris):
+    """gzip, deflate (zlib and raw) and stacked encodings are decoded by modeld; an encoding
+    it cannot decode is a 415 naming those it can (aiohttp passed it through as if plain)."""
+    import gzip
+    import zlib
+
+    JSON = {"Content-Type": "application/json"}  # noqa: N806
+
+    body = json.dumps(split_payload(iris_frame(2))).encode()
+    raw = zlib.compressobj(9, zlib.DEFLATED, -15)
+    encoded = {
+        "gzip": gzip.compress(body),
+        "deflate": zlib.compress(body),
+        "DEFLATE": raw.compress(body) + raw.flush(),
+        "deflate, gzip": gzip.compress(zlib.compress(body)),
+        "identity": body,
+    }
+    plain = await (await iris.post("/models/real/invocations", data=body, headers=JSON)).json()
+    for encoding, data in encoded.items():
+        headers = {**JSON, "Content-Encoding": encoding}
+        resp = await iris.post("/models/real/invocations", data=data, headers=headers)
+        assert resp.status == 200, (encoding, await resp.text())
+        assert await resp.json() == plain
+    resp = await iris.post(
+        "/models/real/invocations", data=body, headers={**JSON, "Content-Encoding": "compress"}
+    )
+    assert resp.status == 415
+    message = (await resp.json())["message"]
+    assert "'compress'" in message and "gzip" in message
+    truncated = gzip.compress(body)[:-12]
+    resp = await iris.post(
+        "/models/real/invocations", data=truncated, headers={**JSON, "Content-Encoding": "gzip"}
+    )
+    assert resp.status == 400 and "could not be read" in (await resp.json())["message"]

@@ -64,6 +64,117 @@ class Limits:
             )
 
 
+MAX_GZIP_MEMBERS = 100
+#: Content-Encodings a request body may have (``identity`` aside), by what decodes them.
+_ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+def content_encodings() -> list[str]:
+    """The request Content-Encodings this process can decode (br and zstd when installed)."""
+    found = list(_ZLIB_WBITS)
+    if _brotli() is not None:
+        found.append("br")
+    if _zstd() is not None:
+        found.append("zstd")
+    return found
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """``body`` decoded from ``encoding`` (a Content-Encoding, possibly a list), at most
+    ``limit`` bytes of it: decoding stops there rather than inflating a bomb to its end.
+
+    Raises:
+        UnsupportedMediaType: an encoding this process cannot decode.
+        TooLarge: it inflates past ``limit`` (server.max_body_bytes).
+        ProtocolError: the body is not validly encoded.
+    """
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    for coding in reversed(codings):  # applied in order, so undone from the last
+        if coding == "identity":
+            continue
+        if coding not in content_encodings():
+            raise UnsupportedMediaType(
+                f"unsupported Content-Encoding {coding[:40]!r}: this server accepts "
+                f"{', '.join(content_encodings())} (or none)"
+            )
+        body = _inflate_one(body, coding, limit)
+    return body
+
+
+def _inflate_one(body: bytes, coding: str, limit: int) -> bytes:
+    too_large = TooLarge(
+        f"request body too large: the limit is {limit} bytes (server.max_body_bytes)"
+    )
+    try:
+        if coding in _ZLIB_WBITS:
+            import zlib
+
+            wbits = _ZLIB_WBITS[coding]
+            if coding == "deflate" and body[:1] and body[0] & 0x0F != 8:
+                wbits = -15  # raw deflate, as many clients send it (aiohttp accepts it too)
+            parts, size, rest = [], 0, body
+            for _ in range(MAX_GZIP_MEMBERS):  # gzip members may follow one another
+                decoder = zlib.decompressobj(wbits)
+                part = decoder.decompress(rest, limit + 1 - size)
+                size += len(part)
+                if size > limit or decoder.unconsumed_tail:
+                    raise too_large
+                if not decoder.eof:
+                    raise ProtocolError(f"the request body could not be read: truncated {coding}")
+                parts.append(part)
+                rest = decoder.unused_data
+                if not rest or wbits != 31:
+                    break
+            return b"".join(parts)
+        out = _brotli_inflate(body, limit) if coding == "br" else _zstd_inflate(body, limit)
+    except (TooLarge, ProtocolError):
+        raise
+    except Exception as exc:  # zlib.error, brotli.error, ZstdError: the bytes are not valid
+        raise ProtocolError(
+            f"the request body could not be read: not valid {coding} ({type(exc).__name__})"
+        ) from None
+    if len(out) > limit:
+        raise too_large
+    return out
+
+
+def _brotli() -> Any:
+    try:
+        import brotli  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    return brotli
+
+
+def _zstd() -> Any:
+    try:
+        from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        try:
+            from backports import zstd  # type: ignore[import-not-found,no-redef,unused-ignore]
+        except ImportError:
+            return None
+    return zstd
+
+
+def _brotli_inflate(body: bytes, limit: int) -> bytes:
+    decoder = _brotli().Decompressor()
+    out = bytearray()
+    for start in range(0, len(body), 4096):  # output bounded as it grows
+        out += decoder.process(body[start : start + 4096])
+        if len(out) > limit:
+            break
+    return bytes(out)
+
+
+def _zstd_inflate(body: bytes, limit: int) -> bytes:
+    decoder = _zstd().ZstdDecompressor()
+    out = decoder.decompress(body, max_length=limit + 1)
+    if not decoder.eof and len(out) <= limit:
+        raise ProtocolError("the request body could not be read: truncated zstd")
+    return bytes(out)
+
+
 def bound(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """Cut a message so an error body never carries a large part of a request."""
     return message if len(message) <= limit else message[:limit] + f"... ({len(message)} chars)"

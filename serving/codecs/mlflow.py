@@ -7,6 +7,7 @@ Parsing and schema handling reuse MLflow's own scoring-server functions so behav
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from typing import Any
@@ -81,11 +82,21 @@ def _split_params(header: str) -> list[str]:
 
 
 def check_content_type(header: str | None) -> str:
-    """The mime type of a supported request, else a 415 like MLflow's.
+    """The mime type of a supported request, else a 415 like MLflow's (a header seen before
+    is answered from memory: clients send the same one every time).
 
     Raises:
         UnsupportedMediaType: unsupported type, charset other than UTF-8, unknown parameters.
     """
+    return _supported_type(header) if header is not None else _check_content_type(header)
+
+
+@functools.lru_cache(maxsize=64)
+def _supported_type(header: str) -> str:
+    return _check_content_type(header)
+
+
+def _check_content_type(header: str | None) -> str:
     mime, params = parse_content_type(header)
     if mime not in CONTENT_TYPES:
         raise UnsupportedMediaType(

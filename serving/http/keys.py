@@ -14,4 +14,7 @@ SERVED: web.RequestKey[Served] = web.RequestKey("served", Served)
 
 
 def daemon_of(request: web.Request) -> Daemon:
-    return request.config_dict[DAEMON]
+    """The daemon serving ``request``: on its app (each sub-app holds it too), else found up
+    the app chain (``config_dict`` builds a chain of mappings per request: slower)."""
+    daemon = request.app.get(DAEMON)
+    return daemon if daemon is not None else request.config_dict[DAEMON]

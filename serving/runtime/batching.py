@@ -14,11 +14,12 @@ batches from the same queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,12 +123,13 @@ class RouteWorker:
                 return
             jobs, stopping = self._gather(job, expected)
             started = time.perf_counter()
-            try:
-                self._process(jobs)
-            except BaseException as exc:  # never lose a request to a bug here
-                log.exception("%s: batch processing failed", self.route)
-                for j in jobs:
-                    _fail(j, exc)
+            with _batched_answers():
+                try:
+                    self._process(jobs)
+                except BaseException as exc:  # never lose a request to a bug here
+                    log.exception("%s: batch processing failed", self.route)
+                    for j in jobs:
+                        _fail(j, exc)
             elapsed = time.perf_counter() - started
             self._predict_s = (
                 elapsed if self._predict_s is None else (0.8 * self._predict_s + 0.2 * elapsed)
@@ -178,7 +180,7 @@ class RouteWorker:
     def _process(self, jobs: list[_Job]) -> None:
         ready = []
         for job in jobs:
-            if job.future.cancelled():  # timed out or client gone while queued
+            if job.future.done():  # timed out or client gone while queued
                 continue
             if job.request is None:  # a small body: decoded here, no hop
                 try:
@@ -342,18 +344,47 @@ def _split(result: Any, sizes: list[int], total: int) -> list[Any] | None:
     return parts
 
 
+_outbox = threading.local()  # per predict thread: the answers of the batch it works on
+
+
 def _succeed(job: _Job, body: bytes) -> None:
-    job.loop.call_soon_threadsafe(_resolve, job.future, body, None)
+    _deliver(job, body, None)
 
 
 def _fail(job: _Job, exc: BaseException) -> None:
-    job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
+    _deliver(job, None, exc)
 
 
-def _resolve(future: asyncio.Future[bytes], body: bytes | None, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
+def _deliver(job: _Job, body: bytes | None, exc: BaseException | None) -> None:
+    """Hand an answer to its request's loop: at once outside a batch, else with the batch's
+    other answers when it is done (:func:`_flush`: one wake-up of the loop per batch)."""
+    pending = getattr(_outbox, "pending", None)
+    if pending is None:
+        job.loop.call_soon_threadsafe(_resolve, [(job.future, body, exc)])
     else:
-        future.set_result(body)  # type: ignore[arg-type]
+        pending.setdefault(job.loop, []).append((job.future, body, exc))
+
+
+@contextlib.contextmanager
+def _batched_answers() -> Iterator[None]:
+    """Collect the answers given inside, and deliver them together, one call per loop."""
+    _outbox.pending = {}
+    try:
+        yield
+    finally:
+        pending, _outbox.pending = _outbox.pending, None
+        for loop, answers in pending.items():
+            loop.call_soon_threadsafe(_resolve, answers)
+
+
+Answer = tuple[asyncio.Future[bytes], bytes | None, BaseException | None]
+
+
+def _resolve(answers: list[Answer]) -> None:
+    for future, body, exc in answers:
+        if future.done():
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(body)  # type: ignore[arg-type]

@@ -46,6 +46,9 @@ class Metrics:
         self.answered = 0  # ...and answered (logged at shutdown: proof of a clean drain)
         self.history = History()  # the status page's charts: the last hour per route
         self.route_stats: dict[str, RouteStats] = {}
+        #: Label children by label values: ``labels()`` takes a lock and builds a key per call,
+        #: and no series is ever removed, so each request reuses the children it needs.
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -165,6 +168,14 @@ class Metrics:
         except OSError as exc:  # metrics must never break following
             log.warning("could not publish this worker's state for /metrics: %s", exc)
 
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per label values."""
+        key = (id(metric), *values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def track(self, model: str) -> RequestTrack:
         """Start counting one prediction request for route ``model`` (the label until the
         request says which route answered); call :meth:`RequestTrack.done` at its end."""
@@ -172,7 +183,7 @@ class Metrics:
 
     def batch(self, route: str, size: int) -> None:
         """A predict call answered ``size`` requests of ``route``."""
-        self.batch_size.labels(route).observe(size)
+        self.child(self.batch_size, route).observe(size)
         self.history.batch(route, size)
         self.stats_of(route).executions += 1
 
@@ -225,7 +236,7 @@ class RequestTrack:
     def __init__(self, metrics: Metrics, model: str) -> None:
         self._metrics, self._model = metrics, model
         self._started = time.perf_counter()
-        metrics.in_flight.labels(model).inc()
+        metrics.child(metrics.in_flight, model).inc()
         metrics.seen += 1
 
     def done(
@@ -240,12 +251,12 @@ class RequestTrack:
         no version took it); ``answered`` is False when it ended without an answer (cancelled:
         the client went away, or the server stopped)."""
         m = self._metrics
-        m.in_flight.labels(self._model).dec()
+        m.child(m.in_flight, self._model).dec()
         model = route or self._model
         seconds = time.perf_counter() - self._started
-        m.latency.labels(model).observe(seconds)
+        m.child(m.latency, model).observe(seconds)
         m.history.request(model, seconds, status)
-        m.requests.labels(model, "" if version is None else str(version), str(status)).inc()
+        m.child(m.requests, model, "" if version is None else str(version), str(status)).inc()
         if answered:
             m.answered += 1
         if route is not None:  # a served route (the statistics extension's counters)
