@@ -119,6 +119,7 @@ def workers_check(args: argparse.Namespace, tracking: str, root: Path) -> None:
     table = []
     for workers in (1, 4):
         cache = root / f"workers-{workers}"
+        cache.mkdir(parents=True, exist_ok=True)
         srv = launch(
             "modeld", "models:/forest@live", tracking, cache,
             "--workers", str(workers), "--poll-interval", "1",
