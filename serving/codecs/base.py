@@ -7,6 +7,7 @@ error map of ``serving.http`` decides the status and the envelope.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,14 +70,16 @@ MAX_GZIP_MEMBERS = 100
 _ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 
 
-def content_encodings() -> list[str]:
-    """The request Content-Encodings this process can decode (br and zstd when installed)."""
+@functools.cache
+def content_encodings() -> tuple[str, ...]:
+    """The request Content-Encodings this process can decode (br and zstd when installed;
+    looked up once: a failed import searches the path again each time)."""
     found = list(_ZLIB_WBITS)
     if _brotli() is not None:
         found.append("br")
     if _zstd() is not None:
         found.append("zstd")
-    return found
+    return tuple(found)
 
 
 def inflate(body: bytes, encoding: str, limit: int) -> bytes:
@@ -124,8 +127,10 @@ def _inflate_one(body: bytes, coding: str, limit: int) -> bytes:
                 parts.append(part)
                 rest = decoder.unused_data
                 if not rest or wbits != 31:
-                    break
-            return b"".join(parts)
+                    return b"".join(parts)
+            raise ProtocolError(
+                f"the request body could not be read: more than {MAX_GZIP_MEMBERS} gzip members"
+            )
         out = _brotli_inflate(body, limit) if coding == "br" else _zstd_inflate(body, limit)
     except (TooLarge, ProtocolError):
         raise
