@@ -470,10 +470,11 @@ class EnvStore:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            raise EnvBuildError(
-                f"{_what(argv)} did not finish within {timeout_s:.0f}s "
-                "(environments.build_timeout_s)"
-            ) from None
+            if deadline is None:
+                bound = f"{timeout_s:g}s"
+            else:  # a build step: name the budget the user set, not what was left of it
+                bound = f"{self.build_timeout_s:g}s (environments.build_timeout_s)"
+            raise EnvBuildError(f"{_what(argv)} did not finish within {bound}") from None
         if proc.returncode != 0:
             tail = "\n".join((err or out).strip().splitlines()[-_TAIL_LINES:])
             raise EnvBuildError(f"{_what(argv)} failed (exit {proc.returncode}): {tail}")
