@@ -76,7 +76,18 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MB."""
+    """Resident memory of a process and all its descendants, in MB (pages shared between
+    them counted in each: see :func:`tree_pss_mb`)."""
+    return _tree_sum(pid, "status", "VmRSS:")
+
+
+def tree_pss_mb(pid: int) -> float:
+    """Proportional memory of a process and all its descendants, in MB: each shared page
+    counted once across the processes sharing it, so the sum is what the tree costs."""
+    return _tree_sum(pid, "smaps_rollup", "Pss:")
+
+
+def _tree_sum(pid: int, file: str, field: str) -> float:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -92,10 +103,11 @@ def tree_rss_mb(pid: int) -> float:
         current = stack.pop()
         stack.extend(children.get(current, []))
         try:
-            with open(f"/proc/{current}/status") as fh:
+            with open(f"/proc/{current}/{file}") as fh:
                 for line in fh:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field):
                         total += int(line.split()[1])
+                        break
         except OSError:
             pass
     return total / 1024

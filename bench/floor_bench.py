@@ -29,6 +29,7 @@ from bench.common import (  # noqa: E402
     modeld_serve,
     start,
     stop,
+    tree_pss_mb,
     tree_rss_mb,
     wait_http,
 )
@@ -101,9 +102,10 @@ def _row(model: str, c: int, rps: dict, lat: dict, errors: int) -> str:
 
 
 def workers_check(args: argparse.Namespace, tracking: str, root: Path) -> None:
-    """``--workers 1`` and ``--workers 4`` serving ``models:/forest@live``: total RSS when
-    ready, requests/s at 32 clients, then ``--swaps`` alias moves between two versions
-    (each waited for in every answer's X-Model-Version), RSS again."""
+    """``--workers 1`` and ``--workers 4`` serving ``models:/forest@live``: total memory when
+    ready (PSS: shared pages once; RSS: in every process), requests/s at 32 clients, then
+    ``--swaps`` alias moves between two versions (each waited for until every worker serves
+    it, from the supervisor's shared generation), memory again."""
     import urllib.request
 
     from mlflow import MlflowClient
@@ -125,8 +127,9 @@ def workers_check(args: argparse.Namespace, tracking: str, root: Path) -> None:
             "--workers", str(workers), "--poll-interval", "1",
         )  # fmt: skip
         try:
+            _wait_all_on(srv["url"], "1", workers)
             time.sleep(2.0)
-            ready_mb = tree_rss_mb(srv["proc"].pid)
+            ready = tree_pss_mb(srv["proc"].pid), tree_rss_mb(srv["proc"].pid)
             rps = closed_loop(srv["url"], body, concurrency=32, count=args.count // 4).rps
             for i in range(args.swaps):
                 target = str(versions[(i + 1) % 2])
@@ -147,21 +150,30 @@ def workers_check(args: argparse.Namespace, tracking: str, root: Path) -> None:
                 else:
                     raise TimeoutError(f"swap {i + 1} to version {target} did not finish")
             time.sleep(2.0)
-            swapped_mb = tree_rss_mb(srv["proc"].pid)
-            table.append((workers, ready_mb, swapped_mb, rps))
+            swapped = tree_pss_mb(srv["proc"].pid), tree_rss_mb(srv["proc"].pid)
+            table.append((workers, ready, swapped, rps))
             print(table[-1], flush=True)
         finally:
             stop(srv["proc"])
     one = table[0]
     print()
-    print("| workers | RSS ready | RSS after swaps | ratio to 1 worker (ready / after) | "
-          "req/s at 32 clients |")  # fmt: skip
+    print("| workers | memory ready (PSS / RSS sum) | after swaps (PSS / RSS sum) | "
+          "PSS ratio to 1 worker (ready / after) | req/s at 32 clients |")  # fmt: skip
     print("|---|---|---|---|---|")
-    for workers, ready_mb, swapped_mb, rps in table:
+    for workers, ready, swapped, rps in table:
         print(
-            f"| {workers} | {ready_mb:.0f} MB | {swapped_mb:.0f} MB | "
-            f"{ready_mb / one[1]:.2f}x / {swapped_mb / one[2]:.2f}x | {rps:.0f} |"
+            f"| {workers} | {ready[0]:.0f} / {ready[1]:.0f} MB | "
+            f"{swapped[0]:.0f} / {swapped[1]:.0f} MB | "
+            f"{ready[0] / one[1][0]:.2f}x / {swapped[0] / one[2][0]:.2f}x | {rps:.0f} |"
         )
+
+
+def _wait_all_on(url: str, version: str, workers: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _all_workers_on(url, version, workers):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the workers did not all serve version {version}")
+        time.sleep(0.2)
 
 
 def _all_workers_on(url: str, version: str, workers: int) -> bool:
@@ -174,8 +186,10 @@ def _all_workers_on(url: str, version: str, workers: int) -> bool:
         view = json.loads(resp.read())
     if workers == 1:
         return str(view.get("version")) == version
-    seen = [str(w.get("version")) for w in view.get("workers", [])]
-    return len(seen) >= workers and all(v == version for v in seen)
+    seen = view.get("workers", [])  # each from the supervisor's shared generation
+    return len(seen) == workers and all(
+        str(w.get("version")) == version and w.get("loaded_by") == "inherited" for w in seen
+    )
 
 
 def main() -> None:

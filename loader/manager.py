@@ -172,6 +172,8 @@ class RouteStatus:
     worker: dict[str, Any] | None = None
     #: How the answering version's conformant requests call the model (lean or pyfunc).
     call: CallPath | None = None
+    #: How the answering version was loaded (:attr:`~loader.pipeline.ModelInfo.loaded_by`).
+    loaded_by: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -216,6 +218,7 @@ class RouteStatus:
             "environment": self.environment.to_dict() if self.environment else None,
             "env_worker": self.worker,
             "predict_call": self.call.to_dict() if self.call else None,
+            "loaded_by": self.loaded_by,
         }
 
 
@@ -868,4 +871,5 @@ def _route_status(route: Route) -> RouteStatus:
         environment=getattr(getattr(model, "modeld", None), "environment", None),
         worker=model.worker if isinstance(model, IsolatedModel) else None,
         call=handle.call if handle is not None else None,
+        loaded_by=getattr(getattr(model, "modeld", None), "loaded_by", None),
     )

@@ -26,6 +26,7 @@ from loader.deps import (
 )
 from loader.envs import EnvInfo, EnvStore, model_environment
 from loader.errors import LoaderError, RegistryUnavailable
+from loader.inherit import take as inherited
 from loader.pyfunc import PyFuncLoader
 from loader.registry import METADATA_FILES, ModelVersion, Registry
 from loader.uri import ModelRef
@@ -69,6 +70,9 @@ class ModelInfo:
     model_version: ModelVersion | None = None
     #: The isolated environment the model runs in (None: in this process).
     environment: EnvInfo | None = None
+    #: How it was loaded: ``mlflow``, ``snapshot`` (the cache's pickle), ``isolated`` (a worker
+    #: process of its environment) or ``inherited`` (from the parent of ``--workers``).
+    loaded_by: str = "mlflow"
 
 
 class ModelSource:
@@ -243,6 +247,7 @@ class ModelSource:
         """
         started = time.perf_counter()
         how = "mlflow"
+        model: Any
         if env is not None:
             from loader.isolated import START_TIMEOUT_S, IsolatedModel
 
@@ -255,6 +260,8 @@ class ModelSource:
                 lease=self.envs.lease(env),
             )
             how = "isolated"
+        elif (model := inherited(prepared.path, model_config)) is not None:
+            how = "inherited"
         elif model_config:
             model, how = PyFuncLoader(prepared.path).load(model_config=model_config), "mlflow"
         else:
@@ -271,15 +278,18 @@ class ModelSource:
             stale=stale,
             model_version=version,
             environment=env,
+            loaded_by=how,
         )
         log.info(
             "loaded %s in %.3fs from %s%s",
             version.label,
             time.perf_counter() - started,
             prepared.path,
-            {"snapshot": " (snapshot)", "isolated": f" (environment {env and env.key})"}.get(
-                how, ""
-            ),
+            {
+                "snapshot": " (snapshot)",
+                "isolated": f" (environment {env and env.key})",
+                "inherited": " (shared with the parent process)",
+            }.get(how, ""),
         )
         return model
 

@@ -40,9 +40,9 @@ def create_app(config: Config, *, reload: Callable[[], Config] | None = None) ->
 
     async def pipeline(app: web.Application) -> AsyncIterator[None]:
         if config.server.workers > 1:
-            # A worker binds its (shared) port only once its models are loaded, so the kernel
-            # never hands a connection to a worker that would answer 503 (at start or after a
-            # restart); the other workers answer meanwhile.
+            # A worker accepts on the shared socket only once its models are loaded, so the
+            # kernel never hands a connection to a worker that would answer 503 (at start, after
+            # a restart or in a new generation); the other workers answer meanwhile.
             await daemon.start()
         else:
             daemon.spawn(daemon.start())  # listen at once: probes see 503 until loaded

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +373,22 @@ def modeld(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subpr
 def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Registry edits are blocking: keep them off the loop the server runs on."""
     return asyncio.to_thread(fn, *args, **kwargs)
+
+
+def wait_shared(base, workers, timeout_s=120):
+    """Wait until every route is answered by ``workers`` workers that all adopted the
+    supervisor's loaded model (the first worker loads alone; then the shared generation)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            models = json.loads(urllib.request.urlopen(f"{base}/models", timeout=10).read())
+        except OSError:
+            models = None
+        if models and all(
+            len(m["workers"]) == workers
+            and all(w["loaded_by"] == "inherited" for w in m["workers"])
+            for m in models["models"]
+        ):
+            return {str(w["pid"]) for w in models["models"][0]["workers"]}
+        time.sleep(0.2)
+    raise AssertionError(f"the workers did not adopt the supervisor's models: {models}")

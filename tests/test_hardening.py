@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, iris_frame, make_config, split_payload, start, wait_http
+from tests.helpers import (
+    free_port,
+    iris_frame,
+    make_config,
+    split_payload,
+    start,
+    wait_http,
+    wait_shared,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,8 +119,13 @@ def test_a_dead_supervisor_takes_its_workers_with_it(registry, tmp_path):
                   str(tmp_path / "cache"), env={"MLFLOW_TRACKING_URI": registry.uri})  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
-        children = _children(proc.pid)
-        assert len(children) == 2, children
+        shared = wait_shared(f"http://127.0.0.1:{port}", 2)
+        for _ in range(100):  # bounded: the first worker drains and exits after the roll
+            children = [pid for pid in _children(proc.pid) if _alive(pid)]
+            if len(children) == 2:
+                break
+            time.sleep(0.1)
+        assert {str(pid) for pid in children} == shared, (children, shared)
         os.kill(proc.pid, signal.SIGKILL)  # the supervisor dies without a word
         proc.wait(timeout=10)
         deadline = time.monotonic() + 30

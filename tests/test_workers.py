@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -15,7 +16,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import free_port, iris_frame, save_slow_model, wait_http
+from tests.helpers import (
+    free_port,
+    iris_frame,
+    register,
+    save_slow_model,
+    serve_modeld,
+    wait_http,
+    wait_shared,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +72,7 @@ def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
     body = {"dataframe_split": json.loads(iris_frame(1).to_json(orient="split", index=False))}
     try:
         wait_http(f"{base}/health", timeout_s=120, proc=proc)
+        shared_by = wait_shared(base, 2)
 
         def workers_seen(n_requests=60):
             pids = set()
@@ -76,7 +86,7 @@ def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
         pids = workers_seen()
         while len(pids) < 2 and time.monotonic() < deadline:  # the 2nd worker may still load
             pids |= workers_seen(20)
-        assert len(pids) == 2, pids
+        assert pids == shared_by, (pids, shared_by)
         entries = list((cache / "models" / "iris").iterdir())
         assert len(entries) == 1  # one entry for iris v2, downloaded once for both workers
 
@@ -99,9 +109,9 @@ def test_workers_share_port_and_cache_restart_and_drain(registry, tmp_path):
 
         victim = int(next(iter(pids)))
         other = int(next(iter(pids - {str(victim)})))
-        with open(f"/proc/{other}/environ", "rb") as fh:
-            env = dict(v.split(b"=", 1) for v in fh.read().split(b"\0") if b"=" in v)
-        shared = Path(env[b"PROMETHEUS_MULTIPROC_DIR"].decode())
+        # the supervisor's metrics directory (set after the fork: not in /proc/PID/environ)
+        (state,) = Path(tempfile.gettempdir()).glob(f"modeld-metrics-*/modeld-state-{other}.json")
+        shared = state.parent
         published = {p.name for p in shared.glob("modeld-state-*.json")}
         assert published == {f"modeld-state-{victim}.json", f"modeld-state-{other}.json"}
         assert list(shared.glob(f"gauge_livesum_{victim}.db"))  # its in-flight gauge
@@ -175,6 +185,7 @@ def test_sigterm_ends_a_restart_backoff(tmp_path):
     )  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
+        wait_shared(f"http://127.0.0.1:{port}", 2)
         steady = min(_children(proc.pid))  # left alone: it drains at SIGTERM
         for death in range(1, 8):  # deaths 6 and 7 start 2 s and 4 s backoffs
             victims = _children(proc.pid) - {steady}
@@ -200,3 +211,85 @@ def test_sigterm_ends_a_restart_backoff(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=30)
     assert err.count("restarting") == 7, err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_swap_rolls_the_workers_to_a_shared_new_version_without_a_failed_request(
+    registry, tmp_path
+):
+    """Workers swap on their own, then the supervisor loads the new version once and forks a
+    generation sharing it; the old generation drains. No request fails or is refused."""
+    client = registry.client()
+    register(client, "rolling", registry.models["const1"])
+    register(client, "rolling", registry.models["const2"])
+    client.set_registered_model_alias("rolling", "live", "1")
+    proc, base = serve_modeld(
+        registry, tmp_path / "cache", "--workers", "2", "--poll-interval", "0.5",
+        "-m", "models:/rolling@live", start_new_session=True,
+    )  # fmt: skip
+    body = {"dataframe_split": json.loads(iris_frame(1).to_json(orient="split", index=False))}
+    answers: list[object] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        for _ in range(5000):  # bounded; stopped once the roll is seen
+            if stop.is_set():
+                return
+            try:
+                status, payload, _ = post(f"{base}/invocations", body)
+                answers.append((status, payload["predictions"][0]))
+            except Exception as exc:  # a refused or reset connection is a failure too
+                answers.append(("error", repr(exc)))
+
+    try:
+        wait_http(f"{base}/health", timeout_s=120, proc=proc)
+        first = wait_shared(base, 2)
+        caller = threading.Thread(target=load)
+        caller.start()
+        time.sleep(1)
+        client.set_registered_model_alias("rolling", "live", "2")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            models = json.loads(urllib.request.urlopen(f"{base}/models", timeout=10).read())
+            workers = models["models"][0]["workers"]
+            if (
+                len(workers) == 2
+                and all(w["version"] == 2 and w["loaded_by"] == "inherited" for w in workers)
+                and not ({str(w["pid"]) for w in workers} & first)
+            ):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"no shared generation on version 2: {models}")
+        time.sleep(1)
+        stop.set()
+        caller.join(timeout=60)
+        assert answers and all(status == 200 for status, _ in answers), [
+            a for a in answers if a[0] != 200
+        ][:5]
+        assert {answer for _, answer in answers} == {1, 2}
+        assert answers[-1] == (200, 2)
+        for pid in first:  # the old generation is gone
+            for _ in range(100):
+                if not os.path.exists(f"/proc/{pid}") or _zombie(int(pid)):
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"worker {pid} of the old generation still runs")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    assert "to share with the workers" in err, err[-3000:]
+    assert err.count("cached rolling@2 (") == 1, err[-3000:]  # downloaded once
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

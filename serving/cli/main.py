@@ -231,15 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from serving.logsetup import setup_logging
 
         setup_logging(config.server.log_level, config.server.log_format)
-        try:  # the workers share the port (SO_REUSEPORT): it must be free for them
-            bind(config.server.host, config.server.port, reuse_port=True).close()
+        try:  # one listening socket, inherited by every worker
+            sock = bind(config.server.host, config.server.port)
         except OSError as exc:
             return cannot_listen(config.server.host, config.server.port, exc)
         keep_secrets_in(config)  # the supervisor read the tokens too
+        import importlib
+
         return supervise(
-            given,
+            sock,
             config.server.workers,
+            lambda: serve(config, reload=reloader(args)),
             drain_timeout_s=config.server.drain_timeout_s,
+            load_timeout_s=config.server.load_timeout_s,
+            # imported once, in the parent: the workers share its pages
+            prepare=lambda: importlib.import_module("serving.app"),
         )
     return serve(config, reload=reloader(args))
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serving.config import Config
+from serving.runtime.supervisor import inherited_socket
 
 log = logging.getLogger("modeld")
 EXIT_CANNOT_LISTEN = 1
@@ -19,14 +20,14 @@ BACKLOG = 128
 PR_SET_DUMPABLE = 4
 
 
-def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port``.
 
     Raises:
         OSError: the address is taken, not local, or not allowed (the caller says which).
     """
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    return socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=reuse_port)
+    return socket.create_server((host, port), family=family, backlog=BACKLOG)
 
 
 def cannot_listen(host: str, port: int, exc: OSError) -> int:
@@ -65,11 +66,10 @@ def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     if keep_secrets_in(config):
         log.debug("tokens loaded: this process is not dumpable")
     server = config.server
-    sock = None
-    if not server.unix_socket and server.workers == 1:
+    sock = inherited_socket()  # a --workers worker: the supervisor's, shared by all
+    if sock is None and not server.unix_socket:
         # Bind before anything starts: a port in use is a clear error at once, not a
-        # "listening" line and a stop that waits for the models to load. (A --workers worker
-        # binds only once its models are loaded; the supervisor checks the port first.)
+        # "listening" line and a stop that waits for the models to load.
         try:
             sock = bind(server.host, server.port)
         except OSError as exc:
@@ -85,13 +85,11 @@ def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     if server.unix_socket:
         where = {"path": server.unix_socket}
         address = f"unix:{server.unix_socket}"
-    elif sock is not None:
+    else:
+        assert sock is not None
         where = {"sock": sock}
         scheme = "https" if ssl_context else "http"
         address = f"{scheme}://{server.host}:{sock.getsockname()[1]}"
-    else:
-        where = {"host": server.host, "port": server.port, "reuse_port": server.workers > 1}
-        address = f"{'https' if ssl_context else 'http'}://{server.host}:{server.port}"
 
     async def announce(_: web.Application) -> None:
         routes = ", ".join(f"{m.name}={m.uri}" for m in config.models)

@@ -81,6 +81,8 @@ class Daemon:
                 return
             self.manager = self.dataplane.manager = manager
             await self.refresh()
+            self.metrics.started = True
+            await self.in_load_pool(self.metrics.publish)
         finally:
             gc.freeze()
             gc.enable()

@@ -45,6 +45,8 @@ class Metrics:
         self.seen = 0  # prediction requests this process read...
         self.answered = 0  # ...and answered (logged at shutdown: proof of a clean drain)
         self.history = History()  # the status page's charts: the last hour per route
+        #: The first load of every route has been tried (the supervisor waits for it).
+        self.started = False
         self.route_stats: dict[str, RouteStats] = {}
         #: Label children by label values: ``labels()`` takes a lock and builds a key per call,
         #: and no series is ever removed, so each request reuses the children it needs.
@@ -141,7 +143,7 @@ class Metrics:
     def observe(self, event: str, fields: dict[str, Any]) -> None:
         """The ModelManager's observer (runs on the load thread). With ``--workers``, each
         event also republishes this worker's state for the others' scrapes."""
-        self._publish()
+        self.publish()
         if event == "swap":
             self.history.event(fields["route"], "swap", fields["version"])
             self.swaps.labels(fields["route"], "swapped", "").inc()
@@ -158,13 +160,14 @@ class Metrics:
             self.env_builds.labels("built" if fields["ok"] else "failed").inc()
             self.env_build_seconds.observe(fields["seconds"])
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
+        """With ``--workers``: write this worker's state for the others and the supervisor."""
         directory = os.environ.get(PEERS_DIR_ENV)
         manager = self.manager()
         if not directory or manager is None:
             return
         try:
-            publish_state(manager, directory)
+            publish_state(manager, directory, started=self.started)
         except OSError as exc:  # metrics must never break following
             log.warning("could not publish this worker's state for /metrics: %s", exc)
 

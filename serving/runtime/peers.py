@@ -30,7 +30,7 @@ def peers_dir() -> str | None:
     return os.environ.get(PEERS_DIR_ENV) or None
 
 
-def worker_state(manager: ModelManager) -> dict[str, Any]:
+def worker_state(manager: ModelManager, *, started: bool = True) -> dict[str, Any]:
     """What this process serves: ``models`` (compact, for the scrape), ``reachable``, and the
     full ``status`` (for ``GET /models`` and the status page)."""
     status = manager.status()
@@ -48,14 +48,30 @@ def worker_state(manager: ModelManager) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "models": models,
+        "started": started,
+        "loads": in_process_loads(manager),
         "reachable": status.registry.reachable,
         "status": status.to_dict(),
     }
 
 
-def publish_state(manager: ModelManager, directory: str) -> None:
-    """Write this worker's state for whichever worker answers next (atomically)."""
-    state = worker_state(manager)
+def in_process_loads(manager: ModelManager) -> list[list[Any]]:
+    """``[path, model_config]`` of every version this process answers with in-process: what
+    the ``--workers`` parent loads once, to fork workers that share it."""
+    loads = []
+    for route in manager.routes():
+        handle = route.handle
+        info = getattr(handle.model, "modeld", None) if handle is not None else None
+        if handle is None or getattr(info, "environment", None) is not None:
+            continue
+        loads.append([str(handle.prepared.path), route.spec.model_config])
+    return loads
+
+
+def publish_state(manager: ModelManager, directory: str, *, started: bool = True) -> None:
+    """Write this worker's state for whichever worker answers next and for the supervisor,
+    which reads ``started`` and ``loads`` (atomically)."""
+    state = worker_state(manager, started=started)
     path = os.path.join(directory, f"{STATE_FILE_PREFIX}{os.getpid()}.json")
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as fh:
@@ -98,6 +114,7 @@ def merged_status(own: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str,
                         "version": theirs["version"],
                         "state": theirs["state"],
                         "stale": theirs["stale"],
+                        "loaded_by": theirs.get("loaded_by"),
                     }
                 )
         model["workers"] = sorted(workers, key=lambda w: w["pid"] or 0)

@@ -1,30 +1,55 @@
-"""``--workers N``: N serving processes on one port (SO_REUSEPORT), sharing one disk cache.
+"""``--workers N``: N serving processes forked from one parent that holds their models.
 
-The supervisor starts each worker as ``modeld serve`` again (same arguments) with
-``MODELD_WORKER`` set; every worker follows the registry and swaps on its own, and the cache's
-per-version locks make N workers on an empty cache download each version once. A worker that
-dies is restarted (with backoff when it keeps dying). SIGTERM or SIGINT is passed to every
-worker, each drains its in-flight requests, and the supervisor exits 0 once all have stopped.
+The parent binds the port once and forks the workers; each inherits the listening socket (the
+kernel hands every connection to whichever worker accepts it) and, once the parent has loaded
+them, the models, whose pages stay shared copy-on-write: N workers cost little more model
+memory than one (``gc.freeze()`` keeps the collector from writing to the shared objects).
+
+Each worker follows the registry and swaps on its own, as one server does, and publishes what
+it serves (:mod:`serving.runtime.peers`). A *generation* is the set of workers forked from one
+parent state. It starts with one worker, which resolves, downloads and loads every model; the
+parent then loads the same cached versions itself and *rolls*: it forks a full generation of
+N workers, which adopt the parent's models instead of loading them, and once every new worker
+has started, stops the old ones (each drains its in-flight requests; the socket stays open in
+the others, so no connection is refused or reset). When every worker of the generation has
+swapped to the same new set of versions, the parent rolls again: it loads the new set from the
+cache the workers filled and drops the old, whose memory returns to the system as the old
+generation exits. A version the parent cannot load (or an isolated one) is simply loaded by
+each worker, as before. A worker that dies is forked again from the parent (with backoff when
+it keeps dying). SIGTERM or SIGINT drains every worker and exits 0; SIGHUP is passed on.
 Metrics are merged across workers through prometheus-client's multiprocess mode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
+import random
 import shutil
 import signal
-import subprocess
+import socket
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
+
+import loader.inherit as inherit
 from loader.policy import backoff_s
+from serving.runtime.peers import STATE_FILE_PREFIX
 
 log = logging.getLogger("modeld.workers")
 WORKER_ENV = "MODELD_WORKER"
+#: The inherited listening socket's descriptor, in a worker.
+LISTEN_FD_ENV = "MODELD_LISTEN_FD"
+TICK_S = 0.2
 RESTART_WINDOW_S = 60.0
 RESTARTS_BEFORE_BACKOFF = 5
 RESTART_BACKOFF_BASE_S = 2.0
@@ -35,91 +60,280 @@ def is_worker() -> bool:
     return bool(os.environ.get(WORKER_ENV))
 
 
-def supervise(argv: Sequence[str], workers: int, *, drain_timeout_s: float) -> int:
-    """Run ``workers`` copies of ``modeld <argv>`` and keep them running until a signal."""
-    metrics_dir = tempfile.mkdtemp(prefix="modeld-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
-    procs: dict[int, subprocess.Popen[bytes]] = {}
-    restarts: list[float] = []
-    stopping = False
+def inherited_socket() -> socket.socket | None:
+    """In a worker: the listening socket its supervisor bound, else None."""
+    fd = os.environ.get(LISTEN_FD_ENV)
+    return socket.socket(fileno=int(fd)) if fd and fd.isdigit() else None
 
-    def spawn(index: int) -> None:
-        procs[index] = subprocess.Popen(
-            [sys.executable, "-m", "serving", *argv],
-            env={**env, WORKER_ENV: str(index + 1)},
-            preexec_fn=_die_with_parent,
+
+@dataclass
+class _Worker:
+    index: int
+    generation: int
+
+
+@dataclass
+class _Parent:
+    """The supervisor's state: its workers by pid and the generations they belong to."""
+
+    sock: socket.socket
+    size: int
+    run: Callable[[], int]
+    directory: str
+    load_timeout_s: float
+    workers: dict[int, _Worker] = field(default_factory=dict)
+    generation: int = 0
+    #: The versions the current generation was forked with (None: the first worker's own).
+    basis: frozenset[inherit.Key] | None = None
+    retiring: set[int] = field(default_factory=set)
+    restarts: list[float] = field(default_factory=list)
+    stopping: bool = False
+
+    def fork(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            _run_worker(self.run, index, self.sock)
+        self.workers[pid] = _Worker(index, self.generation)
+        log.info("worker %d started (pid %d, generation %d)", index + 1, pid, self.generation)
+
+    def current(self) -> list[int]:
+        return [pid for pid, w in self.workers.items() if w.generation == self.generation]
+
+    def signal_all(self, signum: int) -> None:
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def reap(self) -> None:
+        """Collect exited workers; fork a current one again (old generations just go)."""
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            _mark_dead(pid, self.directory)
+            if worker is None:
+                continue
+            if pid in self.retiring:
+                self.retiring.discard(pid)
+                log.info(
+                    "worker %d (pid %d) of the previous generation stopped", worker.index + 1, pid
+                )
+                continue
+            if self.stopping:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            log.error("worker %d (pid %d) exited with %s: restarting", worker.index + 1, pid, code)
+            self._backoff()
+            if not self.stopping and worker.generation == self.generation:
+                self.fork(worker.index)
+
+    def _backoff(self) -> None:
+        now = time.monotonic()
+        self.restarts[:] = [t for t in self.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(self.restarts) <= RESTARTS_BEFORE_BACKOFF:
+            return
+        wait = backoff_s(
+            len(self.restarts) - RESTARTS_BEFORE_BACKOFF,
+            RESTART_BACKOFF_BASE_S,
+            RESTART_BACKOFF_MAX_S,
         )
-        log.info("worker %d started (pid %d)", index + 1, procs[index].pid)
+        until = time.monotonic() + wait
+        while not self.stopping and time.monotonic() < until:  # SIGTERM ends the wait
+            time.sleep(TICK_S)
+
+    def step(self) -> None:
+        """Retire the previous generation once the current one has started; roll when the
+        current one agrees on versions the parent does not hold."""
+        current = self.current()
+        states = [_state(self.directory, pid) for pid in current]
+        started = [s for s in states if s is not None and s.get("started")]
+        if len(started) < (1 if self.basis is None else self.size):
+            return  # the current generation is still starting
+        old = [
+            pid
+            for pid, w in self.workers.items()
+            if w.generation < self.generation and pid not in self.retiring
+        ]
+        if old:
+            log.info(
+                "generation %d started: the previous one's %d workers drain and stop",
+                self.generation,
+                len(old),
+            )
+            self.retiring.update(old)
+            for pid in old:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            return
+        if self.retiring or len(started) < len(current):
+            return  # one generation at a time; a restarted worker is still starting
+        configs = {inherit.key(p, c): c for s in started for p, c in s.get("loads", [])}
+        sets = {frozenset(inherit.key(p, c) for p, c in s.get("loads", [])) for s in started}
+        if len(sets) != 1:
+            return  # mid-swap: wait until every worker serves the same versions
+        (wanted,) = sets
+        if wanted != self.basis:
+            self.roll(wanted, configs)
+
+    def roll(self, wanted: frozenset[inherit.Key], configs: dict[inherit.Key, Any]) -> None:
+        """Hold exactly ``wanted`` and fork a new generation from it."""
+        gc.unfreeze()
+        for load in inherit.offered() - wanted:
+            inherit.withdraw(load)
+        gc.collect()
+        for load in sorted(wanted - inherit.offered()):
+            _load(load, configs.get(load), self.load_timeout_s)
+        gc.collect()
+        gc.freeze()  # the workers share these objects: the collector must not write to them
+        if threading.active_count() > 1:
+            names = ", ".join(t.name for t in threading.enumerate()[1:])
+            log.warning("forking workers with other threads running (%s)", names)
+        self.basis = wanted
+        self.generation += 1
+        log.info(
+            "generation %d: %d workers sharing %d loaded models",
+            self.generation,
+            self.size,
+            len(inherit.offered()),
+        )
+        for index in range(self.size):
+            self.fork(index)
+
+
+def supervise(
+    sock: socket.socket,
+    workers: int,
+    run: Callable[[], int],
+    *,
+    drain_timeout_s: float,
+    load_timeout_s: float,
+    prepare: Callable[[], object] | None = None,
+) -> int:
+    """Serve on ``sock`` with ``workers`` forked processes, each running ``run`` (the one-server
+    path, which adopts the parent's models), until a signal. ``prepare`` runs once before the
+    first fork (imports whose pages the workers then share)."""
+    directory = tempfile.mkdtemp(prefix="modeld-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # before prometheus-client is imported
+    if prepare is not None:
+        prepare()
+    parent = _Parent(sock, workers, run, directory, load_timeout_s)
 
     def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if not stopping:
-            log.info("received %s: draining %d workers", signal.Signals(signum).name, len(procs))
-        stopping = True
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        if not parent.stopping:
+            log.info(
+                "received %s: draining %d workers",
+                signal.Signals(signum).name,
+                len(parent.workers),
+            )
+        parent.stopping = True
+        parent.signal_all(signal.SIGTERM)
 
     def hangup(signum: int, _frame: object) -> None:
         log.info("SIGHUP: every worker reloads the config")
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGHUP)
+        parent.signal_all(signal.SIGHUP)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, hangup)
-    for index in range(workers):
-        spawn(index)
+    _import_ahead()
+    gc.freeze()
+    parent.generation = 1
+    parent.fork(0)  # the first worker loads (one copy); then the parent does, and rolls
     deadline = None
     try:
         while True:
-            time.sleep(0.2)
-            if stopping:
+            time.sleep(TICK_S)
+            parent.reap()
+            if parent.stopping:
                 deadline = deadline or time.monotonic() + drain_timeout_s + 10
-                if all(p.poll() is not None for p in procs.values()):
+                if not parent.workers:
                     break
                 if time.monotonic() > deadline:
                     log.warning("workers did not stop in time: killing them")
-                    for p in procs.values():
-                        p.kill()
+                    parent.signal_all(signal.SIGKILL)
                     break
                 continue
-            for index, proc in list(procs.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                _mark_dead(proc.pid, metrics_dir)
-                now = time.monotonic()
-                restarts[:] = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
-                log.error(
-                    "worker %d (pid %d) exited with %s: restarting", index + 1, proc.pid, code
-                )
-                if len(restarts) > RESTARTS_BEFORE_BACKOFF:
-                    backoff = backoff_s(
-                        len(restarts) - RESTARTS_BEFORE_BACKOFF,
-                        RESTART_BACKOFF_BASE_S,
-                        RESTART_BACKOFF_MAX_S,
-                    )
-                    until = time.monotonic() + backoff
-                    while not stopping and time.monotonic() < until:  # SIGTERM ends the wait
-                        time.sleep(0.2)
-                if not stopping:
-                    spawn(index)
+            parent.step()
     finally:
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        for pid in list(parent.workers):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        shutil.rmtree(directory, ignore_errors=True)
     log.info("all workers stopped")
     return 0
 
 
+def _run_worker(run: Callable[[], int], index: int, sock: socket.socket) -> None:
+    """The forked worker's whole life: serve until stopped, then exit with its code."""
+    code = 1
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        _die_with_parent()
+        random.seed()  # forked workers would otherwise jitter their polls in step
+        os.environ[WORKER_ENV] = str(index + 1)
+        os.environ[LISTEN_FD_ENV] = str(sock.fileno())
+        code = run()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _import_ahead() -> None:
+    """Import MLflow's model loading in the parent, so every worker shares those pages too."""
+    from loader.pyfunc import import_ahead_of_mlflow
+
+    import_ahead_of_mlflow()
+    with contextlib.suppress(ImportError):
+        import mlflow.pyfunc  # noqa: F401
+
+
+def _load(load: inherit.Key, model_config: Any, timeout_s: float) -> None:
+    """Load one version the workers serve, bounded by ``timeout_s`` (the parent must go back
+    to supervising: a load stuck in a model's own Python code is interrupted)."""
+    from loader.pyfunc import PyFuncLoader
+
+    def expire(_signum: int, _frame: object) -> None:
+        raise TimeoutError(f"the load took longer than {timeout_s:g}s (server.load_timeout_s)")
+
+    path = load[0]
+    started = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        model = PyFuncLoader(path).load(model_config=model_config or None)
+    except Exception as exc:  # each worker loads it on its own, as before
+        log.warning("could not load %s to share it: %s (each worker loads its own)", path, exc)
+        return
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    inherit.offer(load, model)
+    log.info("loaded %s in %.3fs to share with the workers", path, time.perf_counter() - started)
+
+
+def _state(directory: str, pid: int) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(directory, f"{STATE_FILE_PREFIX}{pid}.json"), "rb") as fh:
+            state = orjson.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def _die_with_parent() -> None:
-    """In a worker, before it runs: SIGTERM when the supervisor dies (even by SIGKILL), so no
-    worker serves on unsupervised (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    """In a worker: SIGTERM when the supervisor dies (even by SIGKILL), so no worker serves
+    on unsupervised (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -129,12 +343,9 @@ def _die_with_parent() -> None:
 
 
 def _mark_dead(pid: int, directory: str) -> None:
-    """Drop a dead worker's live gauges and published state (the supervisor's own environment
-    has no PROMETHEUS_MULTIPROC_DIR: only its workers' has)."""
+    """Drop a dead worker's live gauges and published state."""
     try:
         from prometheus_client import multiprocess
-
-        from serving.runtime.peers import STATE_FILE_PREFIX
 
         multiprocess.mark_process_dead(pid, directory)
         with contextlib.suppress(FileNotFoundError):
