@@ -166,3 +166,47 @@ def test_mlflow_models_serve_command_line_is_accepted(capsys):
     with pytest.raises(SystemExit) as done:  # `-h` alone still asks for help
         main(["serve", "-h"])
     assert done.value.code == 0 and "-h HOST, --host HOST" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_connection_accepted_before_sigterm_gets_its_answer(registry, tmp_path):
+    """A client that connected just before SIGTERM and sends its request just after gets an
+    answer, not a closed connection (aiohttp closes such connections at once; with
+    --workers an old generation is stopped like this at every roll)."""
+    import socket
+    import time
+
+    port = free_port()
+    proc = modeld(
+        "serve", "-m", "models:/iris/Production", "--port", str(port),
+        "--cache-dir", str(tmp_path / "cache"), env={"MLFLOW_TRACKING_URI": registry.uri},
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
+        frame = iris_frame(1)
+        body = json.dumps(
+            {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+        ).encode()
+        request = (
+            f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            time.sleep(0.3)  # accepted by the server, nothing sent yet
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            conn.sendall(request)
+            answer = b""
+            for _ in range(100):  # bounded: the server closes after answering
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert json.loads(payload) == {"predictions": [2]}
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)

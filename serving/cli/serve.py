@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,8 @@ log = logging.getLogger("modeld")
 EXIT_CANNOT_LISTEN = 1
 BACKLOG = 128
 PR_SET_DUMPABLE = 4
+#: How long a stopping server waits for the first request of connections it has just accepted.
+FIRST_REQUEST_GRACE_S = 0.5
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -81,13 +85,10 @@ def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
 
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(server.ssl_certfile, server.ssl_keyfile)
-    where: dict[str, Any]
     if server.unix_socket:
-        where = {"path": server.unix_socket}
         address = f"unix:{server.unix_socket}"
     else:
         assert sock is not None
-        where = {"sock": sock}
         scheme = "https" if ssl_context else "http"
         address = f"{scheme}://{server.host}:{sock.getsockname()[1]}"
 
@@ -109,14 +110,74 @@ def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
 
     app.on_startup.append(announce)
     app.on_startup.append(reload_on_hangup)
-    web.run_app(
-        app,
-        **where,
-        ssl_context=ssl_context,
-        shutdown_timeout=config.server.drain_timeout_s,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )
+
+    def site(runner: web.AppRunner) -> web.BaseSite:
+        if server.unix_socket:
+            return web.UnixSite(runner, server.unix_socket, ssl_context=ssl_context)
+        assert sock is not None
+        return web.SockSite(runner, sock, ssl_context=ssl_context)
+
+    run_until_signal(app, site, drain_timeout_s=config.server.drain_timeout_s)
     log.info("modeld stopped")
     return 0
+
+
+def run_until_signal(app: Any, site: Callable[[Any], Any], *, drain_timeout_s: float) -> None:
+    """Serve ``app`` on ``site(runner)`` until SIGTERM or SIGINT, then drain: what aiohttp's
+    ``run_app`` does, with one step more between "stop accepting" and "close idle connections".
+
+    aiohttp closes every connection with no request in progress as soon as it stops
+    accepting, which includes connections it has just accepted whose request has not been
+    read yet: their clients get no answer. Those are given :data:`FIRST_REQUEST_GRACE_S` to
+    deliver it. It matters most with ``--workers``, where an old generation is stopped at every
+    roll while clients keep connecting to the shared socket.
+    """
+    from aiohttp import web
+
+    async def main() -> None:
+        runner = web.AppRunner(
+            app, handle_signals=True, access_log=None, shutdown_timeout=drain_timeout_s
+        )
+        started = None
+        try:
+            await runner.setup()  # loads the models; SIGTERM meanwhile ends it
+            started = site(runner)
+            await started.start()
+            await asyncio.Event().wait()  # until a signal cancels this task
+        finally:
+            if started is not None and runner.server is not None:
+                await started.stop()  # no new connections (workers: the others accept them)
+                await _first_requests(runner.server.connections, FIRST_REQUEST_GRACE_S)
+            await runner.cleanup()
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(main())
+    try:
+        loop.run_until_complete(task)
+    except (web.GracefulExit, KeyboardInterrupt):  # raised by the signal handlers
+        pass
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+        rest = asyncio.all_tasks(loop)
+        for leftover in rest:
+            leftover.cancel()
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+async def _first_requests(connections: list[Any], grace_s: float) -> None:
+    """Wait (up to ``grace_s``) until every accepted connection has sent its first request."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:  # polled: aiohttp signals no "first request" event
+        if not any(
+            getattr(c, "_request_count", 1) == 0 and c.transport is not None for c in connections
+        ):
+            return
+        await asyncio.sleep(0.01)

@@ -30,7 +30,7 @@ from serving.runtime.batching import RouteWorker
 from serving.runtime.dataplane import DataPlane
 from serving.runtime.follower import Follower
 from serving.runtime.metrics import Metrics
-from serving.runtime.peers import merged_status, peer_states, peers_dir
+from serving.runtime.peers import merged_status, peer_states, peers_dir, publish_modules
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,6 +83,8 @@ class Daemon:
             await self.refresh()
             self.metrics.started = True
             await self.in_load_pool(self.metrics.publish)
+            if (directory := peers_dir()) is not None:
+                await self.in_load_pool(publish_modules, directory)
         finally:
             gc.freeze()
             gc.enable()

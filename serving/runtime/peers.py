@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 #: The directory the supervisor gives its workers (prometheus-client's multiprocess directory).
 PEERS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATE_FILE_PREFIX = "modeld-state-"
+MODULES_FILE_PREFIX = "modeld-modules-"
 
 
 def peers_dir() -> str | None:
@@ -76,6 +78,17 @@ def publish_state(manager: ModelManager, directory: str, *, started: bool = True
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as fh:
         fh.write(orjson.dumps(state, default=str))
+    os.replace(tmp, path)
+
+
+def publish_modules(directory: str) -> None:
+    """Write the modules this worker imported by the time it started, once: the supervisor
+    imports them before it forks the next generation, so their pages are shared too."""
+    names = sorted(name for name, module in list(sys.modules.items()) if module is not None)
+    path = os.path.join(directory, f"{MODULES_FILE_PREFIX}{os.getpid()}.json")
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(orjson.dumps(names))
     os.replace(tmp, path)
 
 

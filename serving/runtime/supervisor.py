@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import logging
 import os
 import random
@@ -43,7 +44,7 @@ import orjson
 
 import loader.inherit as inherit
 from loader.policy import backoff_s
-from serving.runtime.peers import STATE_FILE_PREFIX
+from serving.runtime.peers import MODULES_FILE_PREFIX, STATE_FILE_PREFIX
 
 log = logging.getLogger("modeld.workers")
 WORKER_ENV = "MODELD_WORKER"
@@ -182,6 +183,7 @@ class _Parent:
     def roll(self, wanted: frozenset[inherit.Key], configs: dict[inherit.Key, Any]) -> None:
         """Hold exactly ``wanted`` and fork a new generation from it."""
         gc.unfreeze()
+        _import_like(self.directory, self.current())
         for load in inherit.offered() - wanted:
             inherit.withdraw(load)
         gc.collect()
@@ -298,6 +300,27 @@ def _import_ahead() -> None:
         import mlflow.pyfunc  # noqa: F401
 
 
+def _import_like(directory: str, pids: list[int]) -> None:
+    """Import what a started worker had imported (its registry client, MLflow's scoring
+    code, the flavor's helpers...): the next generation then shares those pages as well. A
+    module that does not import here is left to the workers."""
+    for pid in pids:
+        try:
+            with open(os.path.join(directory, f"{MODULES_FILE_PREFIX}{pid}.json"), "rb") as fh:
+                names = orjson.loads(fh.read())
+        except (OSError, ValueError):
+            continue
+        missing = [n for n in names if isinstance(n, str) and n not in sys.modules]
+        for name in sorted(missing, key=lambda n: n.count(".")):  # packages first
+            if name in sys.modules or name == "__main__":
+                continue
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # any module's import may fail out of its context
+                log.debug("not imported ahead of the workers: %s (%s)", name, exc)
+        return
+
+
 def _load(load: inherit.Key, model_config: Any, timeout_s: float) -> None:
     """Load one version the workers serve, bounded by ``timeout_s`` (the parent must go back
     to supervising: a load stuck in a model's own Python code is interrupted)."""
@@ -348,7 +371,8 @@ def _mark_dead(pid: int, directory: str) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid, directory)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(directory, f"{STATE_FILE_PREFIX}{pid}.json"))
+        for prefix in (STATE_FILE_PREFIX, MODULES_FILE_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, f"{prefix}{pid}.json"))
     except Exception as exc:  # metrics bookkeeping must not stop the restart
         log.warning("could not drop dead worker %d's live metrics: %s", pid, exc)
