@@ -132,6 +132,40 @@ class AdminConfig:
     webhook_max_age_s: float = 300.0
 
 
+PAYLOAD_MODES = ("all", "request", "response")
+
+
+@dataclass(frozen=True)
+class PayloadLogConfig:
+    """``[logging.payloads]``: sampled requests and responses, logged off the request path."""
+
+    enabled: bool = False
+    #: The share of predictions logged (0..1), each drawn at random.
+    sample: float = 1.0
+    #: ``all`` (request and response), ``request`` or ``response``.
+    mode: str = "all"
+    #: A JSON Lines file (one event per line), rotated at ``file_max_bytes``.
+    file: str = ""
+    file_max_bytes: int = 100 * 1024 * 1024
+    #: Rotated files kept beside it (``FILE.1`` is the newest).
+    file_backups: int = 5
+    #: An HTTP sink: CloudEvents as KServe's logger sends them, batched.
+    url: str = ""
+    #: The CloudEvents ``source`` attribute.
+    source: str = "modeld"
+    batch_size: int = 64
+    flush_interval_s: float = 1.0
+    timeout_s: float = 5.0
+    #: Events waiting for the sinks; more are dropped (and counted), never waited for.
+    queue_size: int = 10000
+    #: A body larger than this is logged without its content (its size only).
+    max_body_bytes: int = 64 * 1024
+    #: JSON object keys whose values are logged as "<redacted>", at any depth.
+    redact_fields: tuple[str, ...] = ()
+    #: Request headers logged as "<redacted>" (besides Authorization, Cookie and the like).
+    redact_headers: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -172,6 +206,7 @@ class Config:
     dependencies: DependenciesConfig = field(default_factory=DependenciesConfig)
     environments: EnvironmentsConfig = field(default_factory=EnvironmentsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    logging_payloads: PayloadLogConfig = field(default_factory=PayloadLogConfig)
     models: tuple[ModelConfig, ...] = ()
     path: str | None = None
 
@@ -218,7 +253,7 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     marked live: ``server.predict_threads``, ``registry.poll_interval_s``)."""
     changed = []
     for section in _SECTIONS:
-        before, after = getattr(old, section), getattr(new, section)
+        before, after = getattr(old, _attr(section)), getattr(new, _attr(section))
         for fld in dataclasses.fields(before):
             if not fld.metadata.get("live") and getattr(before, fld.name) != getattr(
                 after, fld.name
@@ -235,7 +270,24 @@ _SECTIONS = {
     "dependencies": DependenciesConfig,
     "environments": EnvironmentsConfig,
     "admin": AdminConfig,
+    "logging.payloads": PayloadLogConfig,
 }
+
+
+def _attr(section: str) -> str:
+    """The :class:`Config` attribute of a section (``logging.payloads``: ``logging_payloads``)."""
+    return section.replace(".", "_")
+
+
+def _table(raw: dict[str, Any], section: str, problems: list[str]) -> dict[str, Any]:
+    """The TOML table of a (dotted) section, {} when absent."""
+    values: Any = raw
+    for part in section.split("."):
+        values = values.get(part, {}) if isinstance(values, dict) else {}
+    if not isinstance(values, dict):
+        problems.append(f"{section}: expected a table, got {type(values).__name__}")
+        return {}
+    return dict(values)
 
 
 def load_config(
@@ -263,25 +315,28 @@ def load_config(
             raise ConfigProblems([f"{path}: cannot read ({exc.strerror or exc})"]) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigProblems([f"{path}: not valid TOML ({exc})"]) from exc
+    tops = {name.split(".")[0] for name in _SECTIONS}
     for key in raw:
-        if key not in _SECTIONS and key != "models":
-            problems.append(f"{key}: unknown section (known: {', '.join([*_SECTIONS, 'models'])})")
+        if key not in tops and key != "models":
+            known = ", ".join([*_SECTIONS, "models"])
+            problems.append(f"{key}: unknown section (known: {known})")
+    logging_table = raw.get("logging", {})
+    if isinstance(logging_table, dict):
+        for key in logging_table:
+            if key != "payloads":
+                problems.append(f"logging.{key}: unknown section (known: logging.payloads)")
 
     sections = {}
     for name, cls in _SECTIONS.items():
-        values = raw.get(name, {})
-        if not isinstance(values, dict):
-            problems.append(f"{name}: expected a table, got {type(values).__name__}")
-            values = {}
-        values = dict(values)
+        values = _table(raw, name, problems)
         for fld in dataclasses.fields(cls):
-            env_key = f"{ENV_PREFIX}{name.upper()}__{fld.name.upper()}"
+            env_key = f"{ENV_PREFIX}{_attr(name).upper()}__{fld.name.upper()}"
             if env_key in env:
                 values[fld.name] = _from_env(env[env_key], fld.default)
             dotted = f"{name}.{fld.name}"
             if overrides and overrides.get(dotted) is not None:
                 values[fld.name] = overrides[dotted]
-        sections[name] = _build(cls, name, values, problems)
+        sections[_attr(name)] = _build(cls, name, values, problems)
 
     for name in ("server", "admin"):  # read token files once, not on every request
         section = sections[name]
@@ -494,6 +549,7 @@ def _validate(config: Config, problems: list[str]) -> None:
         problems.append(f"server.log_level = {s.log_level!r}: expected one of {LOG_LEVELS}")
     if s.log_format not in ("text", "json"):
         problems.append(f"server.log_format = {s.log_format!r}: expected text or json")
+    _validate_payload_log(config.logging_payloads, problems)
     if config.registry.poll_interval_s <= 0:
         problems.append(
             f"registry.poll_interval_s = {config.registry.poll_interval_s}: expected > 0"
@@ -562,3 +618,23 @@ def _validate(config: Config, problems: list[str]) -> None:
                 )
     if sum(m.default for m in config.models) > 1:
         problems.append("models: more than one model has default = true")
+
+
+def _validate_payload_log(p: PayloadLogConfig, problems: list[str]) -> None:
+    where = "logging.payloads"
+    if not 0 <= p.sample <= 1:
+        problems.append(f"{where}.sample = {p.sample}: expected 0..1")
+    if p.mode not in PAYLOAD_MODES:
+        problems.append(f"{where}.mode = {p.mode!r}: expected one of {', '.join(PAYLOAD_MODES)}")
+    if p.enabled and not (p.file or p.url):
+        problems.append(f"{where}.enabled = true needs a sink: {where}.file or {where}.url")
+    if p.url and not p.url.startswith(("http://", "https://")):
+        problems.append(f"{where}.url = {p.url!r}: expected an http:// or https:// URL")
+    for key in ("file_max_bytes", "batch_size", "queue_size", "max_body_bytes"):
+        if getattr(p, key) < 1:
+            problems.append(f"{where}.{key} = {getattr(p, key)}: expected >= 1")
+    if p.file_backups < 0:
+        problems.append(f"{where}.file_backups = {p.file_backups}: expected >= 0")
+    for key in ("flush_interval_s", "timeout_s"):
+        if getattr(p, key) <= 0:
+            problems.append(f"{where}.{key} = {getattr(p, key)}: expected > 0")

@@ -117,7 +117,13 @@ class InferenceService:
         try:
             self._authorize(context)
             served = self._served(name, request.model_version)
-            body = await daemon.dataplane.predict(served, b"", GrpcCodec(request))
+            body = await daemon.dataplane.predict(
+                served,
+                b"",
+                GrpcCodec(request),
+                endpoint="grpc:ModelInfer",
+                logged_body=request.SerializeToString,
+            )
             status = 200
             context.set_trailing_metadata(_version_metadata(served))
             return body

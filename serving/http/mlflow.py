@@ -70,7 +70,9 @@ async def _invoke(request: web.Request, name: str) -> web.StreamResponse:
     daemon = daemon_of(request)
     server = daemon.config.server
     codec = MlflowCodec(mime, Limits(server.max_cells, server.max_columns))
-    payload = await daemon.dataplane.predict(served, body, codec)
+    payload = await daemon.dataplane.predict(
+        served, body, codec, headers=request.headers, endpoint=request.path
+    )
     return answer(request, served, payload)
 
 

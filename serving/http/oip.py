@@ -84,7 +84,9 @@ async def infer(request: web.Request) -> web.Response:
     served = _served(request)
     body = await read_body(request)
     codec = OipCodec(request.headers.get("Inference-Header-Content-Length"))
-    payload = await daemon_of(request).dataplane.predict(served, body, codec)
+    payload = await daemon_of(request).dataplane.predict(
+        served, body, codec, headers=request.headers, endpoint=request.path
+    )
     response = answer(request, served, payload)
     if codec.header_length is not None:  # binary tensors follow the JSON
         response.content_type = "application/octet-stream"

@@ -13,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from loader.errors import ModelNotReady
 from loader.manager import ModelHandle, ModelManager
 from serving.codecs.base import Codec, inflate
 from serving.config import Config
 from serving.runtime.batching import RouteWorker
+from serving.runtime.payloads import PayloadLog, Record
 
 #: Bodies larger than this are decoded on the decode threads, not the predict thread.
 DECODE_INLINE_BYTES = 256 * 1024
@@ -71,6 +74,8 @@ class DataPlane:
         self.config = config
         self.manager: ModelManager | None = None
         self.workers: dict[str, RouteWorker] = {}
+        #: Set by the lifecycle when ``[logging.payloads]`` is on.
+        self.payloads: PayloadLog | None = None
         self._on_batch = on_batch
         #: Large bodies are decoded here, never on a model's predict thread (a 100 k-column
         #: CSV held a model's only thread for 12 s); small ones on it (no extra hop).
@@ -132,12 +137,72 @@ class DataPlane:
 
     # -- predicting ---------------------------------------------------------------------------
 
-    async def predict(self, served: Served, body: bytes, codec: Codec) -> bytes:
+    async def predict(
+        self,
+        served: Served,
+        body: bytes,
+        codec: Codec,
+        *,
+        headers: Mapping[str, str] | None = None,
+        endpoint: str = "",
+        logged_body: Callable[[], bytes] | None = None,
+    ) -> bytes:
         """Decode, predict (batched with other requests) and encode on the route's worker.
+        With payload logging on, a sampled request and its answer (or error) are queued for
+        the sinks (``headers`` and ``endpoint`` describe the request there; ``logged_body``
+        gives the request's bytes when ``body`` is not them, as in gRPC).
 
         Raises:
             ProtocolError: bad input; TimeoutError: ``server.request_timeout_s`` passed.
         """
+        payloads = self.payloads
+        if payloads is not None and (event := payloads.sample()) is not None:
+            logged = logged_body() if logged_body is not None else body
+            return await self._logged(
+                payloads, event, served, body, codec, headers, endpoint, logged
+            )
+        return await self._predict(served, body, codec)
+
+    async def _logged(
+        self,
+        payloads: PayloadLog,
+        event: str,
+        served: Served,
+        body: bytes,
+        codec: Codec,
+        headers: Mapping[str, str] | None,
+        endpoint: str,
+        logged: bytes,
+    ) -> bytes:
+        def record(kind: str, data: bytes, **fields: Any) -> Record:
+            return Record(
+                event,
+                kind,
+                time.time(),
+                served.route,
+                served.handle.version.name,
+                served.version,
+                endpoint,
+                data,
+                **fields,
+            )
+
+        content_type = (headers or {}).get("Content-Type", "")
+        if payloads.logs_requests:
+            payloads.put(record("request", logged, content_type=content_type,
+                                headers=payloads.headers(headers)))  # fmt: skip
+        try:
+            answer = await self._predict(served, body, codec)
+        except Exception as exc:
+            if payloads.logs_responses:
+                error = f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}"
+                payloads.put(record("response", b"", content_type="", error=error[:500]))
+            raise
+        if payloads.logs_responses:
+            payloads.put(record("response", answer, content_type="", status=200))
+        return answer
+
+    async def _predict(self, served: Served, body: bytes, codec: Codec) -> bytes:
         timeout = self.config.server.request_timeout_s
         decoded = None
         if len(body) > DECODE_INLINE_BYTES:

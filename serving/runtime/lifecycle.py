@@ -30,6 +30,7 @@ from serving.runtime.batching import RouteWorker
 from serving.runtime.dataplane import DataPlane
 from serving.runtime.follower import Follower
 from serving.runtime.metrics import Metrics
+from serving.runtime.payloads import PayloadLog
 from serving.runtime.peers import merged_status, peer_states, peers_dir, publish_modules
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class Daemon:
         self.manager: ModelManager | None = None
         self.metrics = Metrics(lambda: self.manager)
         self.dataplane = DataPlane(config, on_batch=self.metrics.batch)
+        self.payloads = None
+        if config.logging_payloads.enabled:
+            self.payloads = PayloadLog(config.logging_payloads, observe=self.metrics.payload)
+            self.dataplane.payloads = self.payloads
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="modeld-load")
         self.start_error: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -71,6 +76,8 @@ class Daemon:
         ~0.2 s, and no collection runs first: the start leaves ~2,000 unreachable objects (a
         few hundred KB), cheaper kept than a 0.2 s pause just as the server turns ready.
         """
+        if self.payloads is not None:
+            self.payloads.start()
         gc.disable()
         try:
             try:
@@ -185,4 +192,6 @@ class Daemon:
             self.metrics.seen,
         )
         await self.in_load_pool(self.dataplane.close)
+        if self.payloads is not None:  # what was queued reaches the sinks (bounded)
+            await asyncio.to_thread(self.payloads.close)
         self.load_pool.shutdown(wait=True, cancel_futures=True)

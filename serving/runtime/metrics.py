@@ -121,6 +121,18 @@ class Metrics:
             buckets=ENV_BUILD_BUCKETS_S,
             registry=r,
         )
+        self.payloads_logged = Counter(
+            "modeld_payload_events_logged",
+            "Payload log events written, by sink (file, http)",
+            ["sink"],
+            registry=r,
+        )
+        self.payloads_dropped = Counter(
+            "modeld_payload_events_dropped",
+            "Payload log events dropped: queue_full (the sinks fell behind) or sink_error",
+            ["reason"],
+            registry=r,
+        )
         r.register(_StateCollector(manager))
 
     def cache_event(self, event: str) -> None:
@@ -159,6 +171,11 @@ class Metrics:
         elif event == "env_build":
             self.env_builds.labels("built" if fields["ok"] else "failed").inc()
             self.env_build_seconds.observe(fields["seconds"])
+
+    def payload(self, outcome: str, what: str, count: int) -> None:
+        """The payload logger's observer (its thread, or the request path for a full queue)."""
+        counter = self.payloads_logged if outcome == "logged" else self.payloads_dropped
+        self.child(counter, what).inc(count)
 
     def publish(self) -> None:
         """With ``--workers``: write this worker's state for the others and the supervisor."""
