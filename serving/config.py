@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -166,6 +167,23 @@ class PayloadLogConfig:
     redact_headers: tuple[str, ...] = ()
 
 
+#: Where a split's sticky key is read: a request header or a query parameter.
+STICKY_SOURCES = ("header", "query")
+ARM_SEPARATOR = "@"
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm of a route: a ref followed, cached, loaded and swapped as a route is."""
+
+    name: str
+    uri: str
+    #: The share of the route's requests this arm answers (relative to the others').
+    weight: float = 1.0
+    #: A shadow arm answers nobody: it gets a copy of each request after the answer is sent.
+    shadow: bool = False
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -179,14 +197,39 @@ class ModelConfig:
     dependency_policy: str = ""
     #: ``mlflow.pyfunc.load_model(model_config=...)`` (a TOML table).
     model_config: dict[str, Any] | None = field(default=None, hash=False)
+    #: Traffic between refs: each request goes to one arm by weight (and a copy to each
+    #: shadow arm). Empty: the route serves ``uri`` alone.
+    arms: tuple[ArmConfig, ...] = ()
+    #: ``header:NAME`` or ``query:NAME``: the same key always lands on the same arm.
+    sticky: str = ""
+    #: Shadow copies waiting or running; more are dropped (counted), never waited for.
+    mirror_queue: int = 64
+
+    @property
+    def primary(self) -> ArmConfig | None:
+        """The arm whose readiness is the route's: the first that is not a shadow."""
+        return next((a for a in self.arms if not a.shadow), None)
+
+    def arm_route(self, arm: ArmConfig) -> str:
+        """The manager route of one arm (``fraud@challenger``: addressable directly too)."""
+        return f"{self.name}{ARM_SEPARATOR}{arm.name}"
 
     @property
     def warmup_example(self) -> dict[str, Any] | None:
         """The configured warm-up request (MLflow's JSON format), else None."""
         return json.loads(self.warmup_payload) if self.warmup_payload else None
 
+    def route_specs(self) -> list[RouteSpec]:
+        """What the manager serves for this entry (``set_routes``): one route, or one per arm."""
+        if not self.arms:
+            return [self.route_spec()]
+        return [
+            dataclasses.replace(self.route_spec(), name=self.arm_route(arm), uri=arm.uri)
+            for arm in self.arms
+        ]
+
     def route_spec(self) -> RouteSpec:
-        """What the manager serves for this entry (``set_routes``)."""
+        """The manager's route for this entry without arms."""
         return RouteSpec(
             self.name,
             self.uri,
@@ -240,11 +283,22 @@ class Config:
         )
 
     def route_specs(self) -> list[RouteSpec]:
-        return [m.route_spec() for m in self.models]
+        return [spec for m in self.models for spec in m.route_specs()]
+
+    def model(self, route: str) -> ModelConfig | None:
+        """The entry serving manager route ``route`` (a plain route, or one of its arms)."""
+        for m in self.models:
+            if m.name == route or (m.arms and any(m.arm_route(a) == route for a in m.arms)):
+                return m
+        return None
+
+    def optional_routes(self) -> set[str]:
+        """Arm routes whose readiness is not their route's (all but each primary arm)."""
+        return {m.arm_route(a) for m in self.models for a in m.arms if a is not m.primary}
 
     def predict_threads(self, route: str) -> int:
         """Predict threads of ``route``: its own setting, else ``server.predict_threads``."""
-        model = next((m for m in self.models if m.name == route), None)
+        model = self.model(route)
         return (model.predict_threads if model else 0) or self.server.predict_threads
 
 
@@ -431,9 +485,15 @@ def _models(
         for key in sorted(unknown):
             known = ", ".join(f.name for f in dataclasses.fields(ModelConfig))
             problems.append(f"{where}.{key}: unknown key (known: {known})")
-        uri = item.get("uri")
+        arms = _arms(item.get("arms"), where, problems)
+        if arms is None:
+            continue
+        uri = item.get("uri", arms[0].uri if arms else None)
         if not isinstance(uri, str):
             problems.append(f"{where}.uri: required, a model URI such as models:/iris/Production")
+            continue
+        if arms and "uri" in item:
+            problems.append(f"{where}: give uri or arms, not both (each arm has its own uri)")
             continue
         name = item.get("name") or _default_name(uri)
         checks = {
@@ -445,6 +505,8 @@ def _models(
             "predict_threads": (item.get("predict_threads", 0), int),
             "dependency_policy": (item.get("dependency_policy", ""), str),
             "model_config": (item.get("model_config", {}), dict),
+            "sticky": (item.get("sticky", ""), str),
+            "mirror_queue": (item.get("mirror_queue", 64), int),
         }
         bad = [
             k
@@ -468,6 +530,9 @@ def _models(
                 item.get("predict_threads", 0),
                 item.get("dependency_policy", ""),
                 item.get("model_config") or None,
+                tuple(arms),
+                item.get("sticky", ""),
+                item.get("mirror_queue", 64),
             )
         )
     # The first -m model answers POST /invocations unless a [[models]] entry is the default.
@@ -482,6 +547,59 @@ def _models(
         )
         first_default = False
     return models
+
+
+def _arms(raw: Any, where: str, problems: list[str]) -> list[ArmConfig] | None:
+    """A route's ``arms`` (None when they are wrong: the problems say why)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        example = '{name = "champion", uri = "models:/fraud@champion", weight = 90}'
+        problems.append(f"{where}.arms: expected a list of tables such as {example}")
+        return None
+    arms, ok = [], True
+    for j, arm in enumerate(raw):
+        at = f"{where}.arms[{j}]"
+        if not isinstance(arm, dict):
+            problems.append(f"{at}: expected a table")
+            ok = False
+            continue
+        unknown = sorted(set(arm) - {f.name for f in dataclasses.fields(ArmConfig)} - {"ref"})
+        for key in unknown:
+            problems.append(f"{at}.{key}: unknown key (known: name, uri, weight, shadow)")
+        ok = ok and not unknown
+        uri = arm.get("uri", arm.get("ref"))  # ref: the issue's and KServe's word for it
+        weight, shadow = arm.get("weight", 1.0), arm.get("shadow", False)
+        name = arm.get("name") or (_arm_name(uri) if isinstance(uri, str) else "")
+        if not isinstance(uri, str):
+            problems.append(f"{at}.uri: required, a model URI such as models:/fraud@challenger")
+        elif not isinstance(name, str) or not name or not _ARM_NAME.fullmatch(name):
+            problems.append(f"{at}.name = {name!r}: expected letters, digits, - or _")
+        elif not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
+            problems.append(f"{at}.weight = {weight!r}: expected a number >= 0")
+        elif not isinstance(shadow, bool):
+            problems.append(f"{at}.shadow = {shadow!r}: expected true or false")
+        else:
+            arms.append(ArmConfig(name, uri, float(weight), shadow))
+            continue
+        ok = False
+    names = [a.name for a in arms]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{where}.arms: two arms named {dup!r} (give each a name)")
+        ok = False
+    if ok and not any(not a.shadow and a.weight > 0 for a in arms):
+        problems.append(f"{where}.arms: no arm answers (every arm is a shadow or weighs 0)")
+        ok = False
+    return arms if ok else None
+
+
+_ARM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _arm_name(uri: str) -> str:
+    """An arm's default name: its ref's alias, stage or version (``champion``, ``3``)."""
+    tail = uri.rstrip("/").rsplit("/", 1)[-1]
+    return tail.rsplit("@", 1)[-1] if "@" in tail else tail
 
 
 def _serving_model_config(env: Mapping[str, str], problems: list[str]) -> dict[str, Any] | None:
@@ -550,6 +668,29 @@ def _validate(config: Config, problems: list[str]) -> None:
     if s.log_format not in ("text", "json"):
         problems.append(f"server.log_format = {s.log_format!r}: expected text or json")
     _validate_payload_log(config.logging_payloads, problems)
+    for m in config.models:
+        if m.sticky and (
+            m.sticky.partition(":")[0] not in STICKY_SOURCES or not m.sticky.partition(":")[2]
+        ):
+            problems.append(
+                f"models.{m.name}.sticky = {m.sticky!r}: expected header:NAME or query:NAME"
+            )
+        if m.sticky and not m.arms:
+            problems.append(f"models.{m.name}.sticky: only a route with arms has a choice")
+        if m.mirror_queue < 1:
+            problems.append(f"models.{m.name}.mirror_queue = {m.mirror_queue}: expected >= 1")
+    names = {m.name for m in config.models}
+    for m in config.models:
+        for arm in m.arms:
+            if m.arm_route(arm) in names:
+                problems.append(
+                    f"models.{m.name}.arms: arm {arm.name!r}'s route {m.arm_route(arm)!r} is "
+                    "also a model's name"
+                )
+            try:
+                parse_uri(arm.uri)
+            except Exception as exc:
+                problems.append(f"models.{m.name}.arms ({arm.name}).uri: {exc}")
     if config.registry.poll_interval_s <= 0:
         problems.append(
             f"registry.poll_interval_s = {config.registry.poll_interval_s}: expected > 0"

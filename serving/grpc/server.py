@@ -83,7 +83,8 @@ class InferenceService:
 
     async def server_ready(self, request: pb.ServerReadyRequest, context: Any) -> Any:
         manager = self.daemon.manager
-        return pb.ServerReadyResponse(ready=manager is not None and manager.status().ready)
+        ready = manager is not None and self.daemon.dataplane.ready(manager.status())
+        return pb.ServerReadyResponse(ready=ready)
 
     async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> Any:
         try:
@@ -116,7 +117,7 @@ class InferenceService:
         status, served = 500, None
         try:
             self._authorize(context)
-            served = self._served(name, request.model_version)
+            served = self._served(name, request.model_version, context)
             body = await daemon.dataplane.predict(
                 served,
                 b"",
@@ -135,12 +136,21 @@ class InferenceService:
                 status,
                 route=served.route if served else None,
                 version=served.version if served and status < 400 else None,
+                arm=(served.name, served.arm) if served and served.arm else None,
             )
 
-    def _served(self, name: str, version: str) -> Served:
+    def _served(self, name: str, version: str, context: Any = None) -> Served:
         if not name:
             raise ProtocolError("the request names no model")
-        return self.daemon.dataplane.serving(name, version=version or None)
+
+        def sticky(source: str, key: str) -> str | None:  # a header is call metadata here
+            if source != "header" or context is None:
+                return None
+            wanted = key.lower()
+            found = (v for k, v in context.invocation_metadata() or () if k == wanted)
+            return next(found, None)
+
+        return self.daemon.dataplane.serving(name, version=version or None, lookup=sticky)
 
     def _authorize(self, context: Any) -> None:
         token = self.daemon.config.server.token
@@ -160,12 +170,14 @@ class InferenceService:
 
 def _version_metadata(served: Served) -> list[tuple[str, str]]:
     meta = [
-        ("x-model-route", served.route),
+        ("x-model-route", served.name),
         ("x-model-name", served.handle.version.name),
         ("x-model-version", str(served.version)),
     ]
     if served.stale:
         meta.append(("x-model-stale", "true"))
+    if served.arm:
+        meta.append(("x-model-arm", served.arm))
     return meta
 
 

@@ -45,6 +45,7 @@ def sub_app(cache_root: Callable[[], Any]) -> web.Application:
     app.router.add_post("/models/{name}/pin", pin)
     app.router.add_delete("/models/{name}/pin", unpin)
     app.router.add_post(WEBHOOK_PATH, webhook)
+    app.router.add_put("/models/{name}/weights", set_weights)
     return app
 
 
@@ -121,6 +122,35 @@ async def pin(request: web.Request) -> web.Response:
             409,
         )
     return json_response(status.to_dict())
+
+
+@admin_only
+async def set_weights(request: web.Request) -> web.Response:
+    """``{"weights": {"ARM": N, ...}}``: new weights for a route's arms, until the next config
+    reload (which starts again from the configured ones). Answers the route's split."""
+    daemon = daemon_of(request)
+    name = request.match_info["name"]
+    daemon.dataplane.require(name)
+    split = daemon.dataplane.splits.get(name)
+    if split is None:
+        return envelope(400, f"{name} has no arms to weigh", "INVALID_PARAMETER_VALUE")
+    try:
+        body = orjson.loads(await read_body(request))
+    except orjson.JSONDecodeError as exc:
+        return envelope(400, f'send {{"weights": {{"ARM": N}}}} as JSON ({exc})',
+                        "INVALID_PARAMETER_VALUE")  # fmt: skip
+    weights = body.get("weights") if isinstance(body, dict) else None
+    if not isinstance(weights, dict) or not weights:
+        return envelope(400, f'send {{"weights": {{"ARM": N}}}}; arms: {split.names()}',
+                        "INVALID_PARAMETER_VALUE")  # fmt: skip
+    try:
+        split.set_weights(weights)
+    except KeyError as exc:
+        return envelope(404, str(exc.args[0]), "RESOURCE_DOES_NOT_EXIST")
+    except ValueError as exc:
+        return envelope(400, str(exc), "INVALID_PARAMETER_VALUE")
+    log.info("%s: arm weights now %s", name, {a.config.name: a.weight for a in split.answering})
+    return json_response(split.to_dict())
 
 
 @admin_only

@@ -36,8 +36,7 @@ async def health(request: web.Request) -> web.Response:
     if daemon.manager is None:
         names = [m.name for m in daemon.config.models]
         return json_response({"status": "starting", "not_ready": names}, 503)
-    status = daemon.manager.status()
-    not_ready = {m.name: m.waiting_for for m in status.models if not m.ready}
+    not_ready = daemon.dataplane.unready(daemon.manager.status())
     if not_ready:
         return json_response({"status": "not ready", "not_ready": not_ready}, 503)
     return web.Response(text="\n", content_type=JSON)

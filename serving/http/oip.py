@@ -62,7 +62,7 @@ async def live(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     manager = daemon_of(request).manager
-    ok = manager is not None and manager.status().ready
+    ok = manager is not None and daemon_of(request).dataplane.ready(manager.status())
     return json_response({"ready": ok}, 200 if ok else 503)
 
 

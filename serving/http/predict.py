@@ -25,6 +25,7 @@ from serving.runtime.metrics import UNKNOWN_ROUTE
 HEADER_NAME = "X-Model-Name"
 HEADER_VERSION = "X-Model-Version"
 HEADER_ROUTE = "X-Model-Route"
+HEADER_ARM = "X-Model-Arm"
 HEADER_STALE = "X-Model-Stale"
 HEADER_WORKER = "X-Modeld-Worker"
 #: The status counted for a request whose client went away before its answer (nginx's 499).
@@ -68,6 +69,7 @@ def prediction(style: Style) -> Callable[[Handler], Handler]:
                     route=served.route if served else None,
                     version=served.version if served and status < 400 else None,
                     answered=answered,
+                    arm=(served.name, served.arm) if served and served.arm else None,
                 )
 
         return wrapped
@@ -109,9 +111,16 @@ def serve_request(request: web.Request, name: str, *, version: str | None = None
     Raises:
         RouteNotFound, ModelNotReady
     """
-    served = daemon_of(request).dataplane.serving(name, version=version)
+    served = daemon_of(request).dataplane.serving(
+        name, version=version, lookup=lambda source, key: _sticky(request, source, key)
+    )
     request[SERVED] = served
     return served
+
+
+def _sticky(request: web.Request, source: str, key: str) -> str | None:
+    """A split's sticky key: a header or a query parameter of the request."""
+    return request.headers.get(key) if source == "header" else request.query.get(key)
 
 
 def answer(request: web.Request, served: Served, body: bytes) -> web.Response:
@@ -130,10 +139,12 @@ def served_headers(request: web.Request, served: Served) -> dict[str, str]:
     """The headers saying which route and version answer (and whether stale, which worker)."""
     handle = served.handle
     headers = {
-        HEADER_ROUTE: served.route,
+        HEADER_ROUTE: served.name,
         HEADER_NAME: handle.version.name,
         HEADER_VERSION: str(handle.version.version),
     }
+    if served.arm is not None:
+        headers[HEADER_ARM] = served.arm
     if handle.stale:
         headers[HEADER_STALE] = "true"
     if daemon_of(request).config.server.workers > 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from loader.errors import ModelNotReady
-from loader.manager import ModelHandle, ModelManager
+from loader.manager import ManagerStatus, ModelHandle, ModelManager
 from serving.codecs.base import Codec, inflate
 from serving.config import Config
+from serving.runtime.arms import ArmState, Lookup, Split, splits_of
 from serving.runtime.batching import RouteWorker
 from serving.runtime.payloads import PayloadLog, Record
 
@@ -48,6 +50,18 @@ class Served:
 
     route: str
     handle: ModelHandle
+    #: With arms: the arm answering and the route the request named (``route`` is the arm's
+    #: own manager route, ``ROUTE@ARM``), and the shadow arms that get a copy after it.
+    arm: str | None = None
+    split: Split | None = None
+    #: The predict worker answering (None: ``route``'s). Arms serving one version share the
+    #: first such arm's worker and handle, so their requests batch together.
+    worker: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The route the request named (with arms: not the arm's own route)."""
+        return self.split.route if self.split is not None else self.route
 
     @property
     def version(self) -> int:
@@ -74,8 +88,12 @@ class DataPlane:
         self.config = config
         self.manager: ModelManager | None = None
         self.workers: dict[str, RouteWorker] = {}
+        self.splits: dict[str, Split] = splits_of(config.models)
+        self._mirrors: set[asyncio.Task[None]] = set()
         #: Set by the lifecycle when ``[logging.payloads]`` is on.
         self.payloads: PayloadLog | None = None
+        #: ``on_shadow(route, arm, status)``: a shadow copy's outcome (the metrics').
+        self.on_shadow: Callable[[str, str, int], None] | None = None
         self._on_batch = on_batch
         #: Large bodies are decoded here, never on a model's predict thread (a 100 k-column
         #: CSV held a model's only thread for 12 s); small ones on it (no extra hop).
@@ -85,17 +103,37 @@ class DataPlane:
 
     # -- which route, which handle ------------------------------------------------------------
 
+    def configure(self, config: Config) -> None:
+        """A reloaded config: its arms and weights (run-time weights start again from it)."""
+        self.config = config
+        self.splits = splits_of(config.models)
+
     def names(self) -> list[str]:
-        """The routes served (configured ones until the pipeline exists)."""
+        """The routes served (configured ones until the pipeline exists): a route with arms
+        by its own name, each arm's route after it."""
         if self.manager is not None:
-            return self.manager.names()
+            return [*self.splits, *self.manager.names()]
         return [m.name for m in self.config.models]
 
     def serves(self, name: str) -> bool:
         """Whether ``name`` is a route (asked per request: no list is built)."""
+        if name in self.splits:
+            return True
         if self.manager is not None:
             return self.manager.serves(name)
         return any(m.name == name for m in self.config.models)
+
+    def unready(self, status: ManagerStatus) -> dict[str, str]:
+        """The routes keeping the server from being ready, with why: every route but the
+        arms that are not their route's primary (a challenger or shadow still loading, or
+        failing, leaves the route ready on its primary arm)."""
+        optional = self.config.optional_routes()
+        return {
+            m.name: m.waiting_for for m in status.models if not m.ready and m.name not in optional
+        }
+
+    def ready(self, status: ManagerStatus) -> bool:
+        return not self.unready(status)
 
     def require(self, name: str) -> None:
         """Raises :class:`RouteNotFound` naming the served routes unless ``name`` is one."""
@@ -118,22 +156,64 @@ class DataPlane:
             )
         return name
 
-    def serving(self, name: str, *, version: str | None = None) -> Served:
-        """The handle answering for ``name`` now, resolved once for the whole request.
+    def serving(
+        self, name: str, *, version: str | None = None, lookup: Lookup | None = None
+    ) -> Served:
+        """The handle answering for ``name`` now, resolved once for the whole request. For a
+        route with arms: the chosen arm's (``lookup`` reads the sticky key), else the next
+        ready arm's.
 
         Raises:
             RouteNotFound: no such route, or it serves another ``version`` than asked.
-            ModelNotReady: the route has no version loaded yet.
+            ModelNotReady: the route has no version loaded yet (no arm of it is ready).
         """
         self.require(name)
         if self.manager is None:
             raise ModelNotReady(name)
+        split = self.splits.get(name)
+        if split is not None:
+            return self._arm(split, version, lookup)
         handle = self.manager.get(name)
         if version is not None and version != str(handle.version.version):
             raise RouteNotFound(
                 f"{name} serves version {handle.version.version}, not {version[:20]!r}"
             )
         return Served(name, handle)
+
+    def _arm(self, split: Split, version: str | None, lookup: Lookup | None) -> Served:
+        assert self.manager is not None
+        for n, arm in enumerate(split.order(lookup)):
+            try:
+                handle = self.manager.get(arm.route)
+            except ModelNotReady:
+                continue
+            if version is not None and version != str(handle.version.version):
+                continue  # another arm may serve the version asked for
+            arm.answered += 1
+            if n:
+                arm.fallbacks += 1
+            worker, handle = self._same_version(split, arm, handle)
+            return Served(arm.route, handle, arm.config.name, split, worker)
+        if version is not None:
+            raise RouteNotFound(f"no arm of {split.route} serves version {version[:20]!r}")
+        raise ModelNotReady(split.route)
+
+    def _same_version(
+        self, split: Split, arm: ArmState, handle: ModelHandle
+    ) -> tuple[str, ModelHandle]:
+        """The first arm serving the same version as ``arm``: its worker and handle."""
+        assert self.manager is not None
+        key = handle.version.cache_key
+        for other in split.answering:
+            if other is arm:
+                break
+            try:
+                theirs = self.manager.get(other.route)
+            except ModelNotReady:
+                continue
+            if theirs.version.cache_key == key and theirs.model.__class__ is handle.model.__class__:
+                return other.route, theirs
+        return arm.route, handle
 
     # -- predicting ---------------------------------------------------------------------------
 
@@ -155,13 +235,28 @@ class DataPlane:
         Raises:
             ProtocolError: bad input; TimeoutError: ``server.request_timeout_s`` passed.
         """
+        split = served.split
+        pristine = copy.copy(codec) if split is not None and split.shadows else None
         payloads = self.payloads
-        if payloads is not None and (event := payloads.sample()) is not None:
-            logged = logged_body() if logged_body is not None else body
-            return await self._logged(
-                payloads, event, served, body, codec, headers, endpoint, logged
-            )
-        return await self._predict(served, body, codec)
+        event = payloads.sample() if payloads is not None else None
+        if split is not None:
+            split.in_flight += 1
+        try:
+            if payloads is not None and event is not None:
+                logged = logged_body() if logged_body is not None else body
+                answer = await self._logged(
+                    payloads, event, served, body, codec, headers, endpoint, logged
+                )
+            else:
+                answer = await self._predict(served, body, codec)
+        finally:
+            if split is not None:
+                split.in_flight -= 1
+                if not split.in_flight:
+                    split.idle.set()
+        if pristine is not None:  # after the answer, never before it
+            self.mirror(served, body, pristine, event)
+        return answer
 
     async def _logged(
         self,
@@ -179,11 +274,12 @@ class DataPlane:
                 event,
                 kind,
                 time.time(),
-                served.route,
+                served.name,
                 served.handle.version.name,
                 served.version,
                 endpoint,
                 data,
+                arm=served.arm,
                 **fields,
             )
 
@@ -202,6 +298,68 @@ class DataPlane:
             payloads.put(record("response", answer, content_type="", status=200))
         return answer
 
+    def mirror(self, served: Served, body: bytes, codec: Codec, event: str | None = None) -> None:
+        """Send a copy of an answered request to each shadow arm of its route, after the
+        answer: never awaited by it, bounded by the route's ``mirror_queue`` (a copy over it
+        is dropped and counted). The shadows' outcomes are counted (and, when the request was
+        sampled, logged beside the answer with the same event id)."""
+        split = served.split
+        if split is None:
+            return
+        for arm in split.shadows:
+            if len(split.pending) >= split.mirror_queue:
+                arm.mirror_dropped += 1
+                continue
+            split.pending.append((arm, body, copy.copy(codec), event))
+        if split.pending and split.mirroring is None:
+            task = asyncio.get_running_loop().create_task(self._mirror_queue(split))
+            split.mirroring = task
+            self._mirrors.add(task)
+            task.add_done_callback(self._mirrors.discard)
+
+    async def _mirror_queue(self, split: Split) -> None:
+        """Predict the route's shadow copies one at a time, each only while no request of
+        the route is being answered: a copy never takes the model's time from an answer
+        (under sustained load copies wait, the queue fills, and the rest are dropped)."""
+        try:
+            while split.pending:
+                while split.in_flight:
+                    split.idle.clear()
+                    await split.idle.wait()
+                arm, body, codec, event = split.pending.popleft()
+                await self._shadow(split, arm, body, codec, event)
+        finally:
+            split.mirroring = None
+
+    async def _shadow(
+        self, split: Split, arm: ArmState, body: bytes, codec: Codec, event: str | None
+    ) -> None:
+        status, error, answer = 200, None, b""
+        split.mirror_in_flight += 1
+        try:
+            assert self.manager is not None
+            handle = self.manager.get(arm.route)
+            shadow = Served(arm.route, handle, arm.config.name, split)
+            answer = await self._predict(shadow, body, codec)
+        except Exception as exc:  # recorded, never raised: nobody waits for a shadow
+            status = getattr(exc, "status", 500)
+            error = f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}"[:500]
+            log.debug("shadow %s of %s: %s", arm.config.name, split.route, error)
+        finally:
+            split.mirror_in_flight -= 1
+        arm.mirrored += 1
+        if self.on_shadow is not None:
+            self.on_shadow(split.route, arm.config.name, 200 if error is None else status)
+        payloads = self.payloads
+        if event is not None and payloads is not None and payloads.logs_responses:
+            version = handle.version.version if error is None else 0
+            model = handle.version.name if error is None else arm.route
+            payloads.put(
+                Record(event, "response", time.time(), split.route, model, version,
+                       "shadow", answer, "", status=200 if error is None else None,
+                       error=error, arm=arm.config.name)
+            )  # fmt: skip
+
     async def _predict(self, served: Served, body: bytes, codec: Codec) -> bytes:
         timeout = self.config.server.request_timeout_s
         decoded = None
@@ -210,7 +368,8 @@ class DataPlane:
             work = loop.run_in_executor(self._decoders, codec.decode, body, served.handle.model)
             decoded = await asyncio.wait_for(work, timeout)
             body = b""
-        submitted = self.worker(served.route).submit(served.handle, body, codec, decoded)
+        worker = self.worker(served.worker or served.route)
+        submitted = worker.submit(served.handle, body, codec, decoded)
         # A timer on the future itself (wait_for would wrap it in a task per request); the
         # worker skips a job whose future is done, so an expired one is never predicted.
         timer = asyncio.get_running_loop().call_later(timeout, _expire, submitted)
@@ -249,7 +408,7 @@ class DataPlane:
     async def retire_workers(self) -> None:
         """Drain and stop the workers whose route is gone or whose thread count changed; the
         next request to such a route starts a new one."""
-        names = {m.name for m in self.config.models}
+        names = {spec.name for spec in self.config.route_specs()}
         for name, worker in list(self.workers.items()):
             if name not in names or worker.threads != self.config.predict_threads(name):
                 del self.workers[name]

@@ -26,6 +26,7 @@ from serving.config import (
     load_config,
     restart_needed,
 )
+from serving.runtime.arms import Split
 from serving.runtime.batching import RouteWorker
 from serving.runtime.dataplane import DataPlane
 from serving.runtime.follower import Follower
@@ -50,6 +51,7 @@ class Daemon:
         self.manager: ModelManager | None = None
         self.metrics = Metrics(lambda: self.manager)
         self.dataplane = DataPlane(config, on_batch=self.metrics.batch)
+        self.dataplane.on_shadow = self.metrics.shadow
         self.payloads = None
         if config.logging_payloads.enabled:
             self.payloads = PayloadLog(config.logging_payloads, observe=self.metrics.payload)
@@ -136,8 +138,8 @@ class Daemon:
             log.warning("config: [%s] changed; it takes effect after a restart", section)
         if old.registry.poll_interval_s != new.registry.poll_interval_s:
             log.info("config: poll interval now %ss", new.registry.poll_interval_s)
-        self.dataplane.config = new
-        self.metrics.history.forget({m.name for m in new.models})
+        self.dataplane.configure(new)
+        self.metrics.history.forget({spec.name for spec in new.route_specs()})
         await self.dataplane.retire_workers()
         if self.follower is not None:
             self.follower.sync_model_watches()
@@ -161,15 +163,20 @@ class Daemon:
         manager = self.manager
         if manager is None:
             raise ModelNotReady(name or "any model")
-        if name is not None:
+        splits = self.dataplane.splits
+        if name is not None and name not in splits:
             manager.route(name)  # ModelNotReady for an unknown route
         status = manager.status().to_dict()
         directory = peers_dir()
         if directory:
             status = merged_status(status, peer_states(directory))
+        by_name = {m["name"]: m for m in status["models"]}
         if name is None:
+            status["splits"] = [_split_view(split, by_name) for split in splits.values()]
             return status
-        view: dict[str, Any] = next(m for m in status["models"] if m["name"] == name)
+        if name in splits:
+            return _split_view(splits[name], by_name)
+        view: dict[str, Any] = by_name[name]
         return view
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -195,3 +202,17 @@ class Daemon:
         if self.payloads is not None:  # what was queued reaches the sinks (bounded)
             await asyncio.to_thread(self.payloads.close)
         self.load_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _split_view(split: Split, routes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A route with arms: each arm's weight, share and counts beside its route's status; the
+    route is ready when its primary arm (the first answering one) is."""
+    view = split.to_dict()
+    for arm in view["arms"]:
+        arm["status"] = routes.get(arm["route"])
+    primary = next((a for a in view["arms"] if not a["shadow"]), None)
+    state = primary["status"] if primary is not None else None
+    view["name"] = split.route
+    view["ready"] = bool(state and state["state"] == "loaded")
+    view["version"] = state["version"] if state else None
+    return view

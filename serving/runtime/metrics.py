@@ -121,17 +121,28 @@ class Metrics:
             buckets=ENV_BUILD_BUCKETS_S,
             registry=r,
         )
-        self.payloads_logged = Counter(
-            "modeld_payload_events_logged",
-            "Payload log events written, by sink (file, http)",
-            ["sink"],
-            registry=r,
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, list(labels), registry=r)
+
+        self.arm_requests = counter(
+            "modeld_arm_requests",
+            "Prediction requests of a route with arms, by the arm that answered and status",
+            *("route", "arm", "status"),
         )
-        self.payloads_dropped = Counter(
+        self.shadow_requests = counter(
+            "modeld_shadow_requests",
+            "Shadow copies predicted, by route, shadow arm and status",
+            *("route", "arm", "status"),
+        )
+        self.payloads_logged = counter(
+            "modeld_payload_events_logged", "Payload log events written, by sink (file, http)",
+            "sink",
+        )  # fmt: skip
+        self.payloads_dropped = counter(
             "modeld_payload_events_dropped",
             "Payload log events dropped: queue_full (the sinks fell behind) or sink_error",
-            ["reason"],
-            registry=r,
+            "reason",
         )
         r.register(_StateCollector(manager))
 
@@ -171,6 +182,10 @@ class Metrics:
         elif event == "env_build":
             self.env_builds.labels("built" if fields["ok"] else "failed").inc()
             self.env_build_seconds.observe(fields["seconds"])
+
+    def shadow(self, route: str, arm: str, status: int) -> None:
+        """A shadow copy's outcome (the data plane's ``on_shadow``)."""
+        self.child(self.shadow_requests, route, arm, str(status)).inc()
 
     def payload(self, outcome: str, what: str, count: int) -> None:
         """The payload logger's observer (its thread, or the request path for a full queue)."""
@@ -266,11 +281,15 @@ class RequestTrack:
         route: str | None = None,
         version: int | None = None,
         answered: bool = True,
+        arm: tuple[str, str] | None = None,
     ) -> None:
         """The request ended with HTTP-like ``status``, for ``route`` at ``version`` (None when
         no version took it); ``answered`` is False when it ended without an answer (cancelled:
-        the client went away, or the server stopped)."""
+        the client went away, or the server stopped); ``arm`` is (route, arm) when a route
+        with arms answered."""
         m = self._metrics
+        if arm is not None:
+            m.child(m.arm_requests, arm[0], arm[1], str(status)).inc()
         m.child(m.in_flight, self._model).dec()
         model = route or self._model
         seconds = time.perf_counter() - self._started
