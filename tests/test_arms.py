@@ -93,6 +93,8 @@ async def test_a_split_route_answers_from_its_arms_and_a_user_stays_on_one(
     assert view["ready"] and [a["arm"] for a in view["arms"]] == ["one", "two"]
     assert sum(a["answered"] for a in view["arms"]) == 240
     assert {a["status"]["version"] for a in view["arms"]} == {1, 2}
+    page = await (await client.get("/")).text()
+    assert "<b>split</b> arms: one (50%, v1: " in page and "sticky on header:X-User-Id" in page
     listing = await (await client.get("/models")).json()
     assert [s["name"] for s in listing["splits"]] == ["split"]
     metrics = await (await client.get("/metrics")).text()

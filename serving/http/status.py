@@ -46,14 +46,14 @@ async def status_page(request: web.Request) -> web.Response:
     manager = daemon.manager
     if manager is None:
         phase, models, cache, registry = "starting", [], {}, {"reachable": None}
-        workers = 1
+        workers, splits = 1, []
     else:
         status = await asyncio.to_thread(daemon.status_view)  # not behind loads
         cache = await asyncio.to_thread(_cache_usage, manager.source.cache)
         phase, models, registry = "running", status["models"], status["registry"]
-        workers = status.get("workers", 1)
+        workers, splits = status.get("workers", 1), status.get("splits", [])
     history = {m["name"]: daemon.metrics.history.series(m["name"]) for m in models}
-    main = _main(models, cache, registry, daemon.start_error, history, workers)
+    main = _main(models, cache, registry, daemon.start_error, history, workers, splits)
     if request.query.get("part") == "body":  # the page's own in-place refresh
         return web.Response(text=main, content_type="text/html", charset="utf-8")
     body = _page(phase, len(models), main)
@@ -340,6 +340,7 @@ def _main(
     error: str | None,
     history: dict[str, Series],
     workers: int,
+    splits: list[dict[str, Any]] | None = None,
 ) -> str:
     reachable = registry.get("reachable")
     if reachable is None:
@@ -365,12 +366,30 @@ def _main(
         else ""
     )
     cards = "".join(_model(m, history.get(m["name"])) for m in models) or "<p>No models yet.</p>"
+    arms = "".join(_split(split) for split in splits or [])
     return f"""<div class=summary>
   <div><b>registry</b> {escape(str(registry.get("identity", "")))} &middot; {reg}</div>
   <div><b>cache</b> {cache_line}</div>
-  {who}{failure}
+  {who}{arms}{failure}
 </div>
 {cards}"""
+
+
+def _split(split: dict[str, Any]) -> str:
+    """One route with arms: each arm's share (or shadow), version and counts."""
+    parts = []
+    for arm in split["arms"]:
+        status = arm.get("status") or {}
+        version = f"v{status['version']}" if status.get("version") is not None else "not ready"
+        if arm["shadow"]:
+            what = (f"shadow, {version}: {arm['mirrored']} mirrored, "
+                    f"{arm['mirror_dropped']} dropped")  # fmt: skip
+        else:
+            what = (f"{arm['share'] * 100:.0f}%, {version}: {arm['answered']} answered, "
+                    f"{arm['fallbacks']} by fallback")  # fmt: skip
+        parts.append(f"{escape(arm['arm'])} ({escape(what)})")
+    sticky = f" &middot; sticky on {escape(split['sticky'])}" if split.get("sticky") else ""
+    return f"<div><b>{escape(split['name'])}</b> arms: {' &middot; '.join(parts)}{sticky}</div>"
 
 
 def _page(phase: str, count: int, main: str) -> str:
