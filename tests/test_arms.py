@@ -229,3 +229,34 @@ async def test_a_config_reload_changes_weights_and_arms_without_a_restart(
     view = await (await client.get("/models/split")).json()
     assert [a["arm"] for a in view["arms"]] == ["two", "three"]
     assert (await client.post("/models/split@one/invocations", json={})).status == 404
+
+
+async def test_an_arm_whose_alias_moves_swaps_like_a_route(
+    aiohttp_client, registry, cache_dir, tmp_path
+):
+    from tests.helpers import register
+
+    client_ = registry.client()
+    register(client_, "armed", registry.models["const1"])
+    register(client_, "armed", registry.models["const2"])
+    client_.set_registered_model_alias("armed", "challenger", "1")
+    config = arm_config(
+        registry, cache_dir, tmp_path,
+        '{name = "champion", uri = "models:/iris/3", weight = 1},'
+        '{name = "challenger", uri = "models:/armed@challenger", weight = 1}',
+        'sticky = "query:user"',
+    )  # fmt: skip
+    client = await start(aiohttp_client, config)
+    await all_arms_loaded(client)
+    split = Split.of(config.models[0])
+    user = next(
+        f"u{i}" for i in range(1000)
+        if next(split.order(lambda s, k, i=i: f"u{i}")).config.name == "challenger"
+    )  # fmt: skip
+    answer, headers = await predict(client, f"/invocations?user={user}")
+    assert (answer, headers["X-Model-Arm"], headers["X-Model-Version"]) == (1, "challenger", "1")
+    client_.set_registered_model_alias("armed", "challenger", "2")
+    refreshed = await client.post("/admin/models/split@challenger/refresh")
+    assert refreshed.status == 200, await refreshed.text()
+    answer, headers = await predict(client, f"/invocations?user={user}")
+    assert (answer, headers["X-Model-Arm"], headers["X-Model-Version"]) == (2, "challenger", "2")
