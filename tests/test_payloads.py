@@ -210,7 +210,10 @@ async def test_rotation_keeps_every_line_whole(aiohttp_client, registry, cache_d
         return out
 
     async def all_written() -> list[dict] | None:
-        got = lines()
+        try:
+            got = lines()
+        except FileNotFoundError:  # read while the writer rotated: read again
+            return None
         return got if len(got) >= 40 else None
 
     written = await until(all_written, timeout_s=20)

@@ -32,6 +32,8 @@ DECODE_INLINE_BYTES = 256 * 1024
 DECODE_THREADS = 2
 #: Compressed bodies up to this size inflate on the loop (at most ~1 MB out: about a ms).
 INFLATE_INLINE_BYTES = 1024
+#: A shadow copy starts only after its route has answered nothing for this long.
+MIRROR_IDLE_S = 0.001
 
 log = logging.getLogger(__name__)
 
@@ -318,14 +320,19 @@ class DataPlane:
             task.add_done_callback(self._mirrors.discard)
 
     async def _mirror_queue(self, split: Split) -> None:
-        """Predict the route's shadow copies one at a time, each only while no request of
-        the route is being answered: a copy never takes the model's time from an answer
-        (under sustained load copies wait, the queue fills, and the rest are dropped)."""
+        """Predict the route's shadow copies one at a time, each only once no request of the
+        route has been in flight for :data:`MIRROR_IDLE_S`: a copy never takes the model's
+        time from an answer (under sustained load copies wait, the queue fills, and the rest
+        are dropped)."""
         try:
             while split.pending:
-                while split.in_flight:
-                    split.idle.clear()
-                    await split.idle.wait()
+                while True:  # idle for a moment, not just between two answers of a busy route
+                    if split.in_flight:
+                        split.idle.clear()
+                        await split.idle.wait()
+                    await asyncio.sleep(MIRROR_IDLE_S)
+                    if not split.in_flight:
+                        break
                 arm, body, codec, event = split.pending.popleft()
                 await self._shadow(split, arm, body, codec, event)
         finally:
