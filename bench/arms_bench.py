@@ -3,10 +3,11 @@
     .venv/bin/python bench/arms_bench.py [--count 4000] [--rounds 3]
 
 One modeld serving iris three ways, same model and load, interleaved per round (closed loop, 32
-clients, 1-row ``dataframe_split``): ``plain`` (one ref), ``split`` (two arms, 50/50, sticky
-on a header the load does not send, so each request draws at random) and ``mirror`` (one
-answering arm and a shadow arm getting a copy of every request). Reported: the split's
-requests/s against the plain route's, and the mirrored route's p99 against the plain one's.
+clients, 1-row ``dataframe_split``, the order reversed every other round): ``plain`` (one ref,
+measured twice: first and last), ``split`` (two arms, 50/50, sticky on a header the load does
+not send, so each request draws at random) and ``mirror`` (one answering arm and a shadow arm
+getting a copy of every request). Reported against the mean of the two plain measurements:
+the split's requests/s and the mirrored route's p99; plain2 / plain is the noise floor.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def config(root: Path, tracking: str, uri: str, port: int) -> Path:
         f"[registry]\ntracking_uri = {json.dumps(tracking)}\n"
         f"[cache]\ndir = {json.dumps(str(root / 'cache'))}\n"
         f'[[models]]\nname = "plain"\nuri = "{uri}"\n'
+        f'[[models]]\nname = "plain2"\nuri = "{uri}"\n'
         f'[[models]]\nname = "split"\nsticky = "header:X-User-Id"\narms = ['
         f'{{name = "a", uri = "{uri}", weight = 50}}, {{name = "b", uri = "{uri}", weight = 50}}]\n'
         f'[[models]]\nname = "mirror"\narms = [{{name = "live", uri = "{uri}"}}, '
@@ -79,8 +81,9 @@ def main() -> None:
     try:
         wait_http(f"{base}/health", proc=proc)
         body = payload(1)
-        rps: dict[str, list[float]] = {"plain": [], "split": [], "mirror": []}
-        p99: dict[str, list[float]] = {"plain": [], "split": [], "mirror": []}
+        routes = ("plain", "split", "mirror", "plain2")
+        rps: dict[str, list[float]] = {route: [] for route in routes}
+        p99: dict[str, list[float]] = {route: [] for route in routes}
         for n in range(args.rounds):
             for route in list(rps) if n % 2 == 0 else list(rps)[::-1]:  # interleaved
                 _quiet(base)
@@ -93,16 +96,22 @@ def main() -> None:
                 p99[route].append(result.pct(0.99))
         med = {k: statistics.median(v) for k, v in rps.items()}
         tail = {k: statistics.median(v) for k, v in p99.items()}
+        # Two plain routes, first and last in each round: their mean is the baseline, and
+        # plain2 against plain is the noise of the measurement itself.
+        med["plain"] = base_rps = (med["plain"] + med.pop("plain2")) / 2
+        tail["plain"] = base_p99 = (tail["plain"] + tail.pop("plain2")) / 2
+        noise = statistics.median(b / a for a, b in zip(rps["plain"], rps["plain2"], strict=True))
         print(
             f"| route | req/s at {args.concurrency} clients | p99 ms | req/s / plain | "
             "p99 / plain |"
         )
         print("|---|---|---|---|---|")
-        for route in rps:
+        for route in med:
             print(
                 f"| {route} | {med[route]:.0f} | {tail[route]:.1f} | "
-                f"{med[route] / med['plain']:.2f}x | {tail[route] / tail['plain']:.2f}x |"
+                f"{med[route] / base_rps:.2f}x | {tail[route] / base_p99:.2f}x |"
             )
+        print(f"\nplain2 / plain req/s per round (the noise): {noise:.2f}x")
     finally:
         stop(proc)
 

@@ -67,13 +67,10 @@ class Split:
         split._weigh()
         return split
 
-    @property
-    def answering(self) -> list[ArmState]:
-        return [a for a in self.arms if not a.config.shadow]
-
-    @property
-    def shadows(self) -> list[ArmState]:
-        return [a for a in self.arms if a.config.shadow]
+    def __post_init__(self) -> None:
+        #: The arms that answer, and the shadow arms (fixed: arms change with the config).
+        self.answering = [a for a in self.arms if not a.config.shadow]
+        self.shadows = [a for a in self.arms if a.config.shadow]
 
     def arm(self, name: str) -> ArmState:
         """Raises KeyError naming the arms."""
@@ -110,16 +107,16 @@ class Split:
         self._bounds = list(running)
 
     def order(self, lookup: Lookup | None) -> Iterator[ArmState]:
-        """The answering arms, the chosen one first, then the others by weight."""
-        position = self._position(lookup)
+        """The answering arms: the chosen one (its sticky key's, or a random draw's), then,
+        asked for only when it is not ready, the others that weigh anything, heaviest first."""
         arms = self.answering
-        index = min(bisect.bisect_right(self._bounds, position), len(arms) - 1)
+        index = min(bisect.bisect_right(self._bounds, self._position(lookup)), len(arms) - 1)
         while arms[index].weight == 0:  # a zero-width slot at the boundary: the next one
             index = (index + 1) % len(arms)
-        yield arms[index]
+        chosen = arms[index]
+        yield chosen
         yield from sorted(
-            (a for i, a in enumerate(arms) if i != index and a.weight > 0),
-            key=lambda a: -a.weight,
+            (a for a in arms if a is not chosen and a.weight > 0), key=lambda a: -a.weight
         )
 
     def _position(self, lookup: Lookup | None) -> float:

@@ -184,7 +184,7 @@ class DataPlane:
 
     def _arm(self, split: Split, version: str | None, lookup: Lookup | None) -> Served:
         assert self.manager is not None
-        for n, arm in enumerate(split.order(lookup)):
+        for n, arm in enumerate(split.order(lookup)):  # the others sorted only if needed
             try:
                 handle = self.manager.get(arm.route)
             except ModelNotReady:
@@ -194,6 +194,8 @@ class DataPlane:
             arm.answered += 1
             if n:
                 arm.fallbacks += 1
+            if arm is split.answering[0]:  # the first arm's worker is its own
+                return Served(arm.route, handle, arm.config.name, split)
             worker, handle = self._same_version(split, arm, handle)
             return Served(arm.route, handle, arm.config.name, split, worker)
         if version is not None:
@@ -238,11 +240,12 @@ class DataPlane:
             ProtocolError: bad input; TimeoutError: ``server.request_timeout_s`` passed.
         """
         split = served.split
-        pristine = copy.copy(codec) if split is not None and split.shadows else None
+        shadowed = split if split is not None and split.shadows else None
+        pristine = copy.copy(codec) if shadowed is not None else None
         payloads = self.payloads
         event = payloads.sample() if payloads is not None else None
-        if split is not None:
-            split.in_flight += 1
+        if shadowed is not None:  # its shadow copies wait for it to be idle
+            shadowed.in_flight += 1
         try:
             if payloads is not None and event is not None:
                 logged = logged_body() if logged_body is not None else body
@@ -252,10 +255,10 @@ class DataPlane:
             else:
                 answer = await self._predict(served, body, codec)
         finally:
-            if split is not None:
-                split.in_flight -= 1
-                if not split.in_flight:
-                    split.idle.set()
+            if shadowed is not None:
+                shadowed.in_flight -= 1
+                if not shadowed.in_flight:
+                    shadowed.idle.set()
         if pristine is not None:  # after the answer, never before it
             self.mirror(served, body, pristine, event)
         return answer
