@@ -105,6 +105,13 @@ async def test_a_split_route_answers_from_its_arms_and_a_user_stays_on_one(
         if s.name == "modeld_arm_requests_total" and s.labels["status"] == "200"
     }
     assert by_arm == {a["arm"]: float(a["answered"]) for a in view["arms"]}
+    latency_counts = {
+        s.labels["arm"]: s.value
+        for f in text_string_to_metric_families(metrics)
+        for s in f.samples
+        if s.name == "modeld_arm_request_duration_seconds_count"
+    }
+    assert latency_counts == by_arm
     # run-time weights (admin): everything to "one"
     resp = await client.put("/admin/models/split/weights", json={"weights": {"two": 0}})
     assert resp.status == 200, await resp.text()

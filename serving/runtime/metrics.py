@@ -130,6 +130,13 @@ class Metrics:
             "Prediction requests of a route with arms, by the arm that answered and status",
             *("route", "arm", "status"),
         )
+        self.arm_latency = Histogram(
+            "modeld_arm_request_duration_seconds",
+            "Prediction request latency of a route with arms, by the arm that answered",
+            ["route", "arm"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.shadow_requests = counter(
             "modeld_shadow_requests",
             "Shadow copies predicted, by route, shadow arm and status",
@@ -288,11 +295,12 @@ class RequestTrack:
         the client went away, or the server stopped); ``arm`` is (route, arm) when a route
         with arms answered."""
         m = self._metrics
-        if arm is not None:
-            m.child(m.arm_requests, arm[0], arm[1], str(status)).inc()
         m.child(m.in_flight, self._model).dec()
         model = route or self._model
         seconds = time.perf_counter() - self._started
+        if arm is not None:
+            m.child(m.arm_requests, arm[0], arm[1], str(status)).inc()
+            m.child(m.arm_latency, arm[0], arm[1]).observe(seconds)
         m.child(m.latency, model).observe(seconds)
         m.history.request(model, seconds, status)
         m.child(m.requests, model, "" if version is None else str(version), str(status)).inc()
