@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from loader.api import make_source
@@ -58,6 +60,7 @@ class Daemon:
             self.dataplane.payloads = self.payloads
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="modeld-load")
         self.start_error: str | None = None
+        self._config_digest = _digest(config.path) if config.path else None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -104,6 +107,11 @@ class Daemon:
             on_model_change=lambda name: self.spawn(self.refresh([name])),
         )
         self.follower.start()
+        # An edit made while the models loaded, before the file was watched, is applied now.
+        path = self.config.path
+        if path and await self.in_load_pool(_digest, path) != self._config_digest:
+            log.info("config: %s changed while starting: reloading it", path)
+            self.spawn(self.reload_config())
 
     def _build_manager(self) -> ModelManager:
         bound_mlflow_http_retries()
@@ -216,3 +224,11 @@ def _split_view(split: Split, routes: dict[str, dict[str, Any]]) -> dict[str, An
     view["ready"] = bool(state and state["state"] == "loaded")
     view["version"] = state["version"] if state else None
     return view
+
+
+def _digest(path: str) -> str | None:
+    """The config file's content hash (None: unreadable), to notice an edit not yet watched."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
