@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loader import azure
 from loader.cache import ModelCache, Verify
 from loader.deps import ENV_MANAGERS, DependencyPolicy, Match, Policy
 from loader.envs import BUILD_TIMEOUT_S, EnvStore
@@ -125,8 +126,11 @@ def make_source(options: SourceOptions | None = None, **fields: Any) -> ModelSou
     """
     opts = SourceOptions.of(options, **fields)
     import_ahead_of_mlflow()
+    import mlflow
     from mlflow import MlflowClient
 
+    tracking_uri = opts.tracking_uri or mlflow.get_tracking_uri()
+    azure.prepare(tracking_uri, opts.registry_uri or mlflow.get_registry_uri())
     policy = DependencyPolicy(opts.policy, opts.dependency_match, tuple(opts.dependency_ignore))
     client = MlflowClient(tracking_uri=opts.tracking_uri, registry_uri=opts.registry_uri)
     cache = ModelCache(

@@ -32,6 +32,8 @@ READY = "READY"
 #: Files read before the weights, so a strict dependency refusal costs almost nothing.
 METADATA_FILES = ("MLmodel", "requirements.txt", "python_env.yaml", "conda.yaml")
 _PAGE_SIZE = 1000
+#: Error codes a registry answers for an operation it does not have.
+_NO_SUCH_FEATURE = ("ENDPOINT_NOT_FOUND", "FEATURE_DISABLED", "NOT_IMPLEMENTED")
 #: A model directory with more files than this is listed no further (its revision then covers
 #: those listed).
 _MAX_LISTED_FILES = 10_000
@@ -144,6 +146,8 @@ class Registry:
         self.tracking_uri: str = client._tracking_client.tracking_uri
         self.identity = identity or _redact(str(client._registry_uri))
         self._batch_filter_ok = True
+        #: Whether the registry has model aliases at all (None: not asked yet).
+        self._aliases_supported: bool | None = None
         #: Each registered model's last_updated_timestamp as the last resolve_many saw it:
         #: deleting a version touches it, so a remembered version is re-checked only then.
         self._model_stamps: dict[str, Any] = {}
@@ -259,9 +263,23 @@ class Registry:
         return models
 
     def _search(self, filter_string: str) -> dict[str, Any]:
+        # The registry store itself: MLflow 3's client appends a prompt-excluding tag filter
+        # to every search, which a registry without tag search (an Azure ML workspace)
+        # refuses; a list of names never names a prompt unless one was asked for.
+        registry_client = getattr(self.client, "_get_registry_client", None)
+        store = getattr(registry_client(), "store", None) if registry_client else None
+        search = getattr(store, "search_registered_models", None)
         found: dict[str, Any] = {}
         token = None
         while True:
+            if search is not None:
+                page = self._call(search, filter_string, _PAGE_SIZE, None, token)
+                for rm in page:
+                    found[rm.name] = rm
+                token = getattr(page, "token", None)
+                if not token:
+                    return found
+                continue
             page = self._call(
                 self.client.search_registered_models,
                 filter_string=filter_string,
@@ -302,6 +320,8 @@ class Registry:
                 str(ref.alias).lower()
             )
             if number is None:
+                if not rm.aliases:
+                    self._require_aliases(name, str(ref.alias))
                 have = ", ".join(sorted(rm.aliases or {})) or "none"
                 raise ModelNotFound(
                     name, f"alias {ref.alias!r}", detail=f"aliases: {have}", registry=self.identity
@@ -323,6 +343,35 @@ class Registry:
             return finish(best)
         # The highest version is still registering (or failed): serve the highest READY one.
         return finish(self._highest_ready(name, ref.stage if ref.kind is RefKind.STAGE else None))
+
+    def _require_aliases(self, name: str, alias: str) -> None:
+        """A model without aliases: ask for the alias itself, once per registry, to tell a
+        registry that has no aliases at all (an Azure ML workspace) from an alias not set.
+
+        Raises:
+            RegistryError: the registry does not support aliases.
+        """
+        if self._aliases_supported is None:
+            try:
+                self._call(
+                    self.client.get_model_version_by_alias,
+                    name,
+                    alias,
+                    missing=(name, f"alias {alias!r}"),
+                )
+                self._aliases_supported = True
+            except RegistryUnavailable:
+                raise
+            except RegistryError as exc:  # "no such alias" (MLflow's code varies) or none at all
+                code = getattr(exc.__cause__, "error_code", "")
+                self._aliases_supported = code not in _NO_SUCH_FEATURE
+        if self._aliases_supported is False:
+            raise RegistryError(
+                f"registry {self.identity} does not support model aliases, so "
+                f"models:/{name}@{alias} cannot be resolved there: name a version "
+                f"(models:/{name}/3), the latest (models:/{name}/latest) or a stage "
+                f"(models:/{name}/Production)"
+            )
 
     def _logged_model(self, ref: ModelRef) -> ModelVersion:
         """An MLflow 3 logged model (``models:/<model_id>``) as a version: its artifact
@@ -548,6 +597,12 @@ class Registry:
         except Exception as exc:
             if _looks_like_connection_error(exc):
                 raise RegistryUnavailable(self.identity, _short(exc)) from exc
+            if type(exc).__name__ == "ClientAuthenticationError":
+                # azure-identity found no credential or its endpoint is down: the registry
+                # cannot be asked, like one that is unreachable (the cache keeps serving)
+                raise RegistryUnavailable(
+                    self.identity, f"no Azure credential: {_short(exc, 400)}"
+                ) from exc
             raise RegistryError(f"registry {self.identity}: {_short(exc)}") from exc
 
 

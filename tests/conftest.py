@@ -29,7 +29,10 @@ def _quiet_type_hint_nag() -> None:
     MLflow nags about that with a UserWarning it forces past every warning filter
     (``filter_user_warnings_once`` sets "once" inside its own catch_warnings), so the
     ``filterwarnings`` of pyproject.toml cannot drop it: drop that one message here."""
-    from mlflow.pyfunc.utils import data_validation
+    try:
+        from mlflow.pyfunc.utils import data_validation
+    except ImportError:  # MLflow before 2.20 has no such nag
+        return
 
     nag = data_validation.color_warning
 

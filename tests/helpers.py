@@ -23,8 +23,15 @@ IRIS_COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "p
 
 
 def pins(*names: str) -> list[str]:
-    """Requirements pinned to what is installed (saves MLflow's slow inference subprocess)."""
-    return [f"{n}=={importlib.metadata.version(n)}" for n in names]
+    """Requirements pinned to what is installed (saves MLflow's slow inference subprocess);
+    a package this MLflow does not bring (skops before MLflow 3.6) is left out."""
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
 
 
 BASE_REQUIREMENTS = ("mlflow", "scikit-learn", "numpy", "pandas", "scipy", "skops")
@@ -132,6 +139,7 @@ class MlflowServer:
                 str(self.port),
                 "--workers",
                 "1",
+                *self._access_log(),
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -139,6 +147,13 @@ class MlflowServer:
             start_new_session=True,
         )
         wait_http(f"{self.url}/health", timeout_s=120, proc=self.proc)
+
+    @staticmethod
+    def _access_log() -> list[str]:
+        """MLflow 2 serves with gunicorn, which logs no requests unless asked."""
+        import mlflow
+
+        return ["--gunicorn-opts", "--access-logfile -"] if mlflow.__version__ < "3" else []
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -392,3 +407,81 @@ def wait_shared(base, workers, timeout_s=120):
             return {str(w["pid"]) for w in models["models"][0]["workers"]}
         time.sleep(0.2)
     raise AssertionError(f"the workers did not adopt the supervisor's models: {models}")
+
+
+# -- Azure Storage: Azurite -----------------------------------------------------------------
+
+#: Azurite's well-known development account (public, documented by Microsoft).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def azurite_binary() -> str | None:
+    import shutil
+
+    for candidate in (
+        os.environ.get("MODELD_AZURITE"),
+        shutil.which("azurite-blob"),
+        str(ROOT / ".ci" / "node" / "node_modules" / ".bin" / "azurite-blob"),
+    ):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+class Azurite:
+    """Azurite (Microsoft's Azure Storage emulator, from the npm registry) as a process, with
+    one container; skips the test where it is not installed (fails it in CI)."""
+
+    def __init__(self, root: Path, container: str) -> None:
+        self.root, self.container_name = root, container
+
+    def __enter__(self) -> Azurite:
+        import pytest
+
+        binary = azurite_binary()
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("CI must install azurite from the npm registry (see .ci/run)")
+            pytest.skip("needs azurite: npm install azurite (or set MODELD_AZURITE)")
+        port = free_port()
+        data = self.root / "azurite"
+        data.mkdir(exist_ok=True)
+        with open(self.root / "azurite.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
+                 str(data), "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.connection = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
+        )
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient.from_connection_string(self.connection)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                service.create_container(self.container_name)
+                break
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    raise
+                time.sleep(0.2)
+        self.container = service.get_container_client(self.container_name)
+        return self
+
+    def upload_dir(self, directory: Path, prefix: str) -> str:
+        """Upload a model directory under ``prefix``; returns its ``wasbs://`` URI."""
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            self.container.upload_blob(f"{prefix}/{path.relative_to(directory)}", path.read_bytes())
+        return f"wasbs://{self.container_name}@{AZURITE_ACCOUNT}.blob.core.windows.net/{prefix}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)

@@ -12,6 +12,8 @@ import pytest
 
 import loader
 from tests.helpers import (
+    AZURITE_ACCOUNT,
+    Azurite,
     MlflowServer,
     free_port,
     iris_frame,
@@ -155,69 +157,12 @@ async def test_mlflow_artifacts_uris_through_a_real_mlflow_server(
         await run(server.stop)
 
 
-#: Azurite's well-known development account (public, documented by Microsoft).
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = (
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-)
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def azurite_binary() -> str | None:
-    import os
-    import shutil
-
-    for candidate in (
-        os.environ.get("MODELD_AZURITE"),
-        shutil.which("azurite-blob"),
-        str(ROOT / ".ci" / "node" / "node_modules" / ".bin" / "azurite-blob"),
-    ):
-        if candidate and Path(candidate).exists():
-            return candidate
-    return None
-
-
 @pytest.fixture
 def azurite(tmp_path, monkeypatch):
     """Azurite (Microsoft's Azure Storage emulator, from the npm registry) as a process."""
-    import os
-
-    binary = azurite_binary()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install azurite from the npm registry (see .ci/run)")
-        pytest.skip("needs azurite: npm install azurite (or set MODELD_AZURITE)")
-    port = free_port()
-    data = tmp_path / "azurite"
-    data.mkdir()
-    with open(tmp_path / "azurite.log", "ab") as out:
-        proc = subprocess.Popen(
-            [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
-             str(data), "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    connection = (
-        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-        f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
-    )
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection)
-    from azure.storage.blob import BlobServiceClient
-
-    service = BlobServiceClient.from_connection_string(connection)
-    import time
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            service.create_container(BUCKET)
-            break
-        except Exception:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise
-            time.sleep(0.2)
-    yield service.get_container_client(BUCKET)
-    proc.terminate()
-    proc.wait(timeout=20)
+    with Azurite(tmp_path, BUCKET) as storage:
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", storage.connection)
+        yield storage.container
 
 
 def test_wasbs_models_load_from_azurite(azurite, registry, cache_dir):

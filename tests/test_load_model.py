@@ -4,6 +4,7 @@ import time
 
 import mlflow.pyfunc
 import pytest
+from packaging.version import Version
 
 import loader
 from loader import DependencyMismatch, RegistryUnavailable
@@ -50,7 +51,8 @@ def test_runs_uri(registry, cache_dir, tmp_path):
         f"runs-uri-{tmp_path.name}", artifact_location=(tmp_path / "artifacts").as_uri()
     )
     with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.sklearn.log_model(model, name="m", pip_requirements=pins(*BASE_REQUIREMENTS))
+        where = {"name": "m"} if Version(mlflow.__version__).major >= 3 else {"artifact_path": "m"}
+        mlflow.sklearn.log_model(model, **where, pip_requirements=pins(*BASE_REQUIREMENTS))
     loaded = loader.load_model(f"runs:/{run.info.run_id}/m", cache_dir=cache_dir)
     assert int(loaded.predict(X)[0]) == 7
     assert loaded.modeld.run_id == run.info.run_id

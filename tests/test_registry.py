@@ -64,8 +64,10 @@ def test_alias_moved_and_version_deleted(registry, reg):
     assert reg.resolve(parse_uri("models:/moving/latest")).version == 2
     client.delete_model_version("moving", "2")
     assert reg.resolve(parse_uri("models:/moving/latest")).version == 1
-    with pytest.raises(ModelNotFound, match="live"):
-        reg.resolve(ref)  # deleting the version deleted its alias
+    # deleting the version deleted its alias (MLflow before 3.1 leaves the alias pointing at
+    # the deleted version: then that version is what is missing)
+    with pytest.raises(ModelNotFound, match="live|no version 2"):
+        reg.resolve(ref)
     with pytest.raises(ModelNotFound):
         reg.resolve(parse_uri("models:/moving/2"))
 
@@ -113,8 +115,11 @@ def test_resolve_many_twenty_models_is_one_http_request(registry, mlflow_server)
     time.sleep(0.3)  # let the access log flush
     made = mlflow_server.api_requests()[before:]
     assert all(v.version == 1 for v in out.values()), out
-    assert len(made) == 1, made
     assert "registered-models/search" in made[0]
+    if '" 400 ' in made[0]:  # an MLflow server without IN (before 2.2x): one call per model
+        assert len(made) == 21 and remote.resolve_many(refs) and not remote._batch_filter_ok
+        return
+    assert len(made) == 1, made
 
 
 @pytest.mark.slow
@@ -130,22 +135,30 @@ def test_unreachable_registry_is_quick_and_typed():
     assert "127.0.0.1:9" in str(info.value)
 
 
-def test_backend_refusing_in_filter_falls_back_to_per_model_calls(registry, caplog):
+def test_backend_refusing_in_filter_falls_back_to_per_model_calls(registry, caplog, monkeypatch):
+    """(tests/test_azure.py meets a workspace that refuses it through the real plugin.)"""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    class NoInFilter(MlflowClient):
+    client = MlflowClient(tracking_uri=registry.uri, registry_uri=registry.uri)
+    store = client._get_registry_client().store
+    search = store.search_registered_models
+
+    class NoInFilter:
         """A registry backend that refuses `name IN (...)` (as some hosted ones do)."""
 
         refused = 0
 
-        def search_registered_models(self, filter_string=None, *args, **kwargs):
+        @staticmethod
+        def search_registered_models(filter_string=None, *args, **kwargs):
             if filter_string and " IN (" in filter_string:
                 NoInFilter.refused += 1
                 raise MlflowException("IN is not supported", error_code=INVALID_PARAMETER_VALUE)
-            return super().search_registered_models(filter_string, *args, **kwargs)
+            return search(filter_string, *args, **kwargs)
 
-    reg = Registry(NoInFilter(tracking_uri=registry.uri, registry_uri=registry.uri))
+    # (MLflow caches the sqlite store per URI: monkeypatch puts it back after the test)
+    monkeypatch.setattr(store, "search_registered_models", NoInFilter.search_registered_models)
+    reg = Registry(client)
     refs = [
         parse_uri(u)
         for u in (
