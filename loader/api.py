@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loader import azure
+from loader.azure import prepare_azureml
 from loader.cache import ModelCache, Verify
 from loader.deps import ENV_MANAGERS, DependencyPolicy, Match, Policy
 from loader.envs import BUILD_TIMEOUT_S, EnvStore
@@ -130,7 +130,7 @@ def make_source(options: SourceOptions | None = None, **fields: Any) -> ModelSou
     from mlflow import MlflowClient
 
     tracking_uri = opts.tracking_uri or mlflow.get_tracking_uri()
-    azure.prepare(tracking_uri, opts.registry_uri or mlflow.get_registry_uri())
+    prepare_azureml(tracking_uri, opts.registry_uri or mlflow.get_registry_uri())
     policy = DependencyPolicy(opts.policy, opts.dependency_match, tuple(opts.dependency_ignore))
     client = MlflowClient(tracking_uri=opts.tracking_uri, registry_uri=opts.registry_uri)
     cache = ModelCache(

@@ -3,7 +3,7 @@
 The plugin asks azure-identity for a token on every registry call, through a chain it builds
 itself: ``DefaultAzureCredential``'s credentials, then an interactive browser login and a
 device-code login. A daemon can answer neither; the device code would hold a start for up to
-fifteen minutes, printing a code nobody reads. :func:`prepare` builds the plugin's service
+fifteen minutes, printing a code nobody reads. :func:`prepare_azureml` builds the plugin's service
 context ahead of MLflow (the plugin caches it by URI) with the same chain minus the
 interactive credentials, so with no usable credential a start fails in seconds and says why.
 """
@@ -27,7 +27,7 @@ def is_azureml(uri: str | None) -> bool:
     return bool(uri) and urlsplit(str(uri)).scheme == SCHEME
 
 
-def prepare(*uris: str | None) -> None:
+def prepare_azureml(*uris: str | None) -> None:
     """Set up every ``azureml://`` URI among ``uris`` for unattended use.
 
     Raises:
