@@ -4,6 +4,7 @@ daemon's grpc.aio server on the test server's loop."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -160,6 +161,168 @@ async def test_version_headers_come_as_trailing_metadata(grpc_server):
     assert answer.outputs[0].name == "predict" and answer.model_version == "2"
     assert np.frombuffer(answer.raw_output_contents[0], "<i8").tolist() == [2]  # const2
     assert trailing["x-model-route"] == "iris" and trailing["x-model-version"] == "2"
+
+
+@pytest.fixture
+async def admin_grpc_server(aiohttp_client, registry, cache_dir):
+    port = free_port()
+    config = make_config(
+        registry,
+        cache_dir,
+        f"real={registry.models['iris']}",
+        server__grpc_port=port,
+        admin__token="adm1n",
+    )
+    client = await start(aiohttp_client, config)
+    return client, f"127.0.0.1:{port}"
+
+
+async def test_tritonclient_repository_and_statistics_rpcs(admin_grpc_server, registry):
+    """Triton's repository and statistics RPCs, from tritonclient.grpc, agree with REST."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    http, url = admin_grpc_server
+    admin = {"authorization": "Bearer adm1n"}
+    x = grpcclient.InferInput("x", [2, 4], "FP64")
+    x.set_data_from_numpy(iris_frame(2).to_numpy())
+
+    def code(call):
+        try:
+            call()
+        except InferenceServerException as exc:
+            return exc.status()
+        return "OK"
+
+    def talk():
+        tc = _triton(url)
+        for _ in range(3):
+            tc.infer("real", [x])
+        out = {
+            "stats": tc.get_inference_statistics("real", as_json=True),
+            "all stats": tc.get_inference_statistics(as_json=True),
+            "stats of nothing": code(lambda: tc.get_inference_statistics("nope")),
+            "index without token": code(lambda: tc.get_model_repository_index()),
+            "index": tc.get_model_repository_index(headers=admin, as_json=True),
+        }
+        tc.unload_model("real", headers=admin)
+        out["after unload"] = tc.get_model_repository_index(headers=admin, as_json=True)
+        out["infer unloaded"] = code(lambda: tc.infer("real", [x]))
+        out["unload again"] = code(lambda: tc.unload_model("real", headers=admin))
+        tc.load_model("real", headers=admin)  # as configured
+        out["ready again"] = tc.is_model_ready("real")
+        out["load unknown"] = code(lambda: tc.load_model("nope", headers=admin))
+        out["load with config"] = code(
+            lambda: tc.load_model("real", headers=admin, config='{"backend": "python"}')
+        )
+        tc.close()
+        return out
+
+    out = await asyncio.to_thread(talk)
+    (stats,) = out["stats"]["model_stats"]
+    assert stats["name"] == "real" and stats["version"] == "1"
+    assert int(stats["inference_count"]) == 3
+    assert int(stats["inference_stats"]["success"]["count"]) == 3
+    assert int(stats["inference_stats"]["success"]["ns"]) > 0
+    assert [m["name"] for m in out["all stats"]["model_stats"]] == ["real"]
+    rest = await (await http.get("/v2/models/real/stats")).json()
+    assert int(rest["model_stats"][0]["inference_count"]) == 3
+    assert out["stats of nothing"] == "StatusCode.NOT_FOUND"
+    assert out["index without token"] == "StatusCode.UNAUTHENTICATED"
+    assert out["index"]["models"] == [{"name": "real", "version": "1", "state": "READY"}]
+    (entry,) = out["after unload"]["models"]
+    assert entry["state"] == "UNAVAILABLE" and entry["reason"] == "unloaded"
+    assert out["infer unloaded"] == "StatusCode.NOT_FOUND"
+    assert out["unload again"] == "StatusCode.UNAVAILABLE"
+    assert out["ready again"] is True
+    assert out["load unknown"] == "StatusCode.NOT_FOUND"
+    assert out["load with config"] == "StatusCode.INVALID_ARGUMENT"
+
+
+async def test_repository_load_of_a_ref_given_in_the_parameters(admin_grpc_server, registry):
+    """A load with the ``uri`` parameter (a raw stub: tritonclient cannot send one) adds a
+    route; the ``ready`` index lists only what is ready; a non-string uri is refused."""
+    import grpc
+
+    from serving.codecs import messages as pb
+
+    _, url = admin_grpc_server
+    admin = (("authorization", "Bearer adm1n"),)
+    path = "/inference.GRPCInferenceService/"
+    async with grpc.aio.insecure_channel(url) as channel:
+
+        def rpc(name, message, answer):
+            return channel.unary_unary(
+                path + name,
+                request_serializer=message.SerializeToString,
+                response_deserializer=answer.FromString,
+            )
+
+        load = rpc(
+            "RepositoryModelLoad", pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse
+        )
+        index = rpc("RepositoryIndex", pb.RepositoryIndexRequest, pb.RepositoryIndexResponse)
+        request = pb.RepositoryModelLoadRequest(model_name="extra")
+        request.parameters["uri"].string_param = "models:/iris/2"
+        await load(request, metadata=admin)
+        ready = await index(pb.RepositoryIndexRequest(ready=True), metadata=admin)
+        bad = pb.RepositoryModelLoadRequest(model_name="other")
+        bad.parameters["uri"].int64_param = 3
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await load(bad, metadata=admin)
+        bad_ref = pb.RepositoryModelLoadRequest(model_name="other")
+        bad_ref.parameters["uri"].string_param = "models:/"
+        with pytest.raises(grpc.aio.AioRpcError) as invalid:
+            await load(bad_ref, metadata=admin)
+    assert {(m.name, m.version, m.state) for m in ready.models} == {
+        ("real", "1", "READY"),
+        ("extra", "2", "READY"),
+    }
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "string_param" in refused.value.details()
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_repository_rpcs_without_an_admin_token_answer_loopback_peers_only():
+    from serving.grpc.server import _is_loopback_peer
+
+    assert _is_loopback_peer("ipv4:127.0.0.1:50051") and _is_loopback_peer("ipv6:[::1]:5")
+    assert _is_loopback_peer("ipv6:%5B::1%5D:5") and _is_loopback_peer("unix:/run/m.sock")
+    assert not _is_loopback_peer("ipv4:10.0.0.7:50051")
+    assert not _is_loopback_peer("ipv6:[2001:db8::1]:5") and not _is_loopback_peer("")
+
+
+async def test_kserve_grpc_client(grpc_server, registry):
+    """KServe's own gRPC client (kserve pins pandas < 3, so it runs in the MLflow 3.15 venv of
+    .ci/matrix; elsewhere this is skipped)."""
+    if os.environ.get("MODELD_KSERVE_REQUIRED"):
+        import kserve
+    else:
+        kserve = pytest.importorskip("kserve", reason="kserve's client needs pandas < 3")
+    frame = iris_frame(3)
+    expected = loader.load_model(str(registry.models["iris"])).predict(frame)
+    _, url = grpc_server
+    auth = (("authorization", "Bearer s3cret"),)
+    async with kserve.InferenceGRPCClient(url, retries=0) as client:
+        assert await client.is_server_live() and await client.is_server_ready()
+        assert await client.is_model_ready("real")
+        x = kserve.InferInput("x", [3, 4], "FP64")
+        x.set_data_from_numpy(frame.to_numpy(), binary_data=True)  # raw_input_contents
+        answer = await client.infer(
+            kserve.InferRequest(model_name="real", infer_inputs=[x], request_id="k1"),
+            headers=auth,
+        )
+        typed = kserve.InferInput("x", [3, 4], "FP64", data=frame.to_numpy().ravel().tolist())
+        again = await client.infer(
+            kserve.InferRequest(model_name="real", infer_inputs=[typed]), headers=auth
+        )
+        with pytest.raises(Exception) as unauthenticated:
+            await client.infer(kserve.InferRequest(model_name="real", infer_inputs=[typed]))
+    assert answer.id == "k1" and answer.model_version == "1"
+    assert answer.outputs[0].name == "predict"
+    assert answer.outputs[0].as_numpy().tolist() == expected.tolist()
+    assert again.outputs[0].as_numpy().tolist() == expected.tolist()
+    assert "UNAUTHENTICATED" in str(unauthenticated.value)
 
 
 def test_the_checked_in_descriptor_matches_the_proto(tmp_path):

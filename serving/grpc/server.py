@@ -11,15 +11,18 @@ as for ``/v2/.../infer``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version as package_version
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from loader.errors import (
+    ConfigError,
+    InvalidModelURI,
     ModelNotFound,
     ModelNotReady,
     RegistryUnavailable,
@@ -29,6 +32,8 @@ from serving.codecs import messages as pb
 from serving.codecs.base import ProtocolError
 from serving.codecs.grpc import GrpcCodec
 from serving.codecs.oip import model_metadata
+from serving.runtime import repository
+from serving.runtime.access import bearer_matches, is_loopback
 from serving.runtime.dataplane import RouteNotFound, Served
 from serving.runtime.lifecycle import Daemon
 from serving.runtime.metrics import UNKNOWN_ROUTE
@@ -42,16 +47,24 @@ class Unauthenticated(Exception):
     pass
 
 
+class Forbidden(Exception):
+    pass
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for what a call raised (bad input is never UNKNOWN)."""
     if isinstance(exc, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, Forbidden):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, ProtocolError):
         return grpc.StatusCode.INVALID_ARGUMENT, exc.message
     if isinstance(exc, RouteNotFound):
         return grpc.StatusCode.NOT_FOUND, exc.message
     if isinstance(exc, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, ConfigError | InvalidModelURI):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ModelNotReady | RegistryUnavailable | WorkerUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, TimeoutError):
@@ -73,7 +86,8 @@ _AS_HTTP = {
 
 
 class InferenceService:
-    """The six RPCs, each taking and returning serialized messages."""
+    """The protocol's RPCs and Triton's repository and statistics ones (the same calls as
+    the REST ``/v2`` makes: :mod:`serving.runtime.repository`)."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -152,20 +166,83 @@ class InferenceService:
 
         return self.daemon.dataplane.serving(name, version=version or None, lookup=sticky)
 
+    async def model_statistics(self, request: pb.ModelStatisticsRequest, context: Any) -> Any:
+        served = [self._served(request.name, request.version)] if request.name else None
+        stats = repository.statistics(self.daemon, served)
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
+    async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> Any:
+        self._authorize_admin(context)
+        entries = repository.index(self.daemon, ready_only=request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.ModelIndex(
+                    name=e.name, version=e.version or "", state=e.state, reason=e.reason or ""
+                )
+                for e in entries
+            ]
+        )
+
+    async def repository_model_load(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> Any:
+        self._authorize_admin(context)
+        repository.check_load_parameters(request.parameters)
+        uri = None
+        if repository.URI in request.parameters:
+            given = request.parameters[repository.URI]
+            if given.WhichOneof("parameter_choice") != "string_param":
+                raise ProtocolError("the load parameter 'uri' must be a string_param")
+            uri = given.string_param
+        await repository.load(self.daemon, _model_name(request), uri)
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> Any:
+        self._authorize_admin(context)
+        await repository.unload(self.daemon, _model_name(request))
+        return pb.RepositoryModelUnloadResponse()
+
     def _authorize(self, context: Any) -> None:
         token = self.daemon.config.server.token
-        if not token:
+        if token:
+            _require_bearer(context, token, "ModelInfer", "server.token")
+
+    def _authorize_admin(self, context: Any) -> None:
+        """As for ``/admin`` and the REST repository: the admin token when one is set, else
+        loopback callers only."""
+        token = self.daemon.config.admin.token
+        if token:
+            _require_bearer(context, token, "the repository RPCs", "admin.token")
+        elif not _is_loopback_peer(context.peer()):
+            raise Forbidden(
+                "the repository RPCs answer loopback callers only unless admin.token is set"
+            )
+
+
+def _model_name(request: Any) -> str:
+    if not request.model_name:
+        raise ProtocolError("the request names no model (model_name)")
+    return str(request.model_name)
+
+
+def _require_bearer(context: Any, token: str, what: str, setting: str) -> None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and bearer_matches(str(value), token):
             return
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                scheme, _, given = str(value).partition(" ")
-                if scheme.lower() == "bearer" and hmac.compare_digest(
-                    given.strip().encode("utf-8", "surrogateescape"), token.encode()
-                ):
-                    return
-        raise Unauthenticated(
-            "ModelInfer needs the metadata 'authorization: Bearer <server.token>'"
-        )
+    raise Unauthenticated(f"{what} needs the metadata 'authorization: Bearer <{setting}>'")
+
+
+def _is_loopback_peer(peer: str | None) -> bool:
+    """grpc's peer string: ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:/path``."""
+    kind, _, address = (peer or "").partition(":")
+    if kind == "unix":
+        return True
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host = urllib.parse.unquote(address).rsplit(":", 1)[0].strip("[]")  # grpc %-encodes it
+    return bool(host) and is_loopback(host)
 
 
 def _version_metadata(served: Served) -> list[tuple[str, str]]:
@@ -217,6 +294,12 @@ def handler(daemon: Daemon) -> grpc.GenericRpcHandler:
             "ServerMetadata": _unary(s.server_metadata, pb.ServerMetadataRequest),
             "ModelMetadata": _unary(s.model_metadata, pb.ModelMetadataRequest),
             "ModelInfer": _unary(s.model_infer, pb.ModelInferRequest),
+            "ModelStatistics": _unary(s.model_statistics, pb.ModelStatisticsRequest),
+            "RepositoryIndex": _unary(s.repository_index, pb.RepositoryIndexRequest),
+            "RepositoryModelLoad": _unary(s.repository_model_load, pb.RepositoryModelLoadRequest),
+            "RepositoryModelUnload": _unary(
+                s.repository_model_unload, pb.RepositoryModelUnloadRequest
+            ),
         },
     )
 

@@ -24,6 +24,7 @@ from serving.http.admin import admin_only
 from serving.http.errors import Style, error_middleware, error_response, json_response
 from serving.http.keys import daemon_of
 from serving.http.predict import answer, prediction, read_body, serve_request
+from serving.runtime import repository
 from serving.runtime.dataplane import Served
 
 PREFIX = "/v2"
@@ -96,98 +97,42 @@ async def infer(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     """Triton's statistics extension, from the counters the metrics keep."""
-    daemon = daemon_of(request)
-    name = request.match_info.get("name")
-    if name is not None:
-        served = [_served(request)]
-    else:
-        manager = daemon.manager
-        served = []
-        for route in manager.names() if manager is not None else []:
-            try:
-                served.append(daemon.dataplane.serving(route))
-            except ModelNotReady:
-                continue
-    return json_response(
-        {
-            "model_stats": [
-                daemon.metrics.stats_of(s.route).to_triton(s.route, str(s.version)) for s in served
-            ]
-        }
-    )
+    served = [_served(request)] if "name" in request.match_info else None
+    return json_response({"model_stats": repository.statistics(daemon_of(request), served)})
 
 
 @admin_only
 async def repository_index(request: web.Request) -> web.Response:
     """Every configured or loaded model, with its state (Triton's repository index)."""
-    daemon = daemon_of(request)
-    manager = daemon.manager
-    routes = {m.name: None for m in daemon.config.models}
-    entries = []
-    status = {m.name: m for m in manager.status().models} if manager is not None else {}
-    for name in [*routes, *(n for n in status if n not in routes)]:
-        m = status.get(name)
-        if m is None:
-            entries.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
-        elif m.ready:
-            assert m.version is not None
-            entries.append({"name": name, "version": str(m.version.version), "state": "READY"})
-        else:
-            state = "LOADING" if m.state == "loading" else "UNAVAILABLE"
-            entries.append({"name": name, "state": state, "reason": m.waiting_for})
-    return json_response(entries)
+    ready_only = (await _document(request)).get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise ProtocolError("'ready' must be true or false")
+    entries = repository.index(daemon_of(request), ready_only=ready_only)
+    return json_response([e.to_json() for e in entries])
 
 
 @admin_only
 async def repository_load(request: web.Request) -> web.Response:
-    """Serve ``name``: the ref in the request's ``parameters.uri``, else its configured one.
-    A loaded route lasts until the next config reload or restart (the config is the truth)."""
-    daemon = daemon_of(request)
+    """Serve ``name``: the ref in the request's ``parameters.uri``, else its configured one."""
     name = request.match_info["name"]
     parameters = await _parameters(request)
-    uri = parameters.get("uri")
-    configured = next((m for m in daemon.config.models if m.name == name), None)
-    if uri is None and configured is None:
-        raise web.HTTPNotFound(
-            text=f"no model {name!r} in the config: give its ref as parameters.uri, e.g. "
-            '{"parameters": {"uri": "models:/NAME/VERSION"}}'
-        )
+    repository.check_load_parameters(parameters)
+    uri = parameters.get(repository.URI)
     if uri is not None and not isinstance(uri, str):
         raise ProtocolError("parameters.uri must be a model URI string")
-    manager = daemon.manager
-    if manager is None:
-        raise web.HTTPServiceUnavailable(text="modeld is still starting")
-    spec = configured.route_spec() if configured is not None else None
-    target = uri or (spec.uri if spec else "")
-
-    def load() -> None:
-        # The route's own options stay (a served route's, else the configured ones).
-        if manager.serves(name):
-            manager.update(name, target, **manager.route(name).spec.options())
-        else:
-            manager.add(name, target, **(spec.options() if spec is not None else {}))
-        manager.refresh([name], force=True)
-
-    await daemon.in_load_pool(load)  # a bad URI or option: 400 with the accepted forms
-    status = manager.status(name)
-    if not status.ready:
-        raise web.HTTPServiceUnavailable(text=f"{name} did not load: {status.waiting_for}")
-    return json_response({"name": name, "version": str(status.version.version)})  # type: ignore[union-attr]
+    version = await repository.load(daemon_of(request), name, uri)
+    return json_response({"name": name, "version": version})
 
 
 @admin_only
 async def repository_unload(request: web.Request) -> web.Response:
     """Stop serving ``name`` until it is loaded again or the config is reloaded."""
-    daemon = daemon_of(request)
     name = request.match_info["name"]
-    manager = daemon.manager
-    if manager is None or not manager.serves(name):
-        raise ModelNotReady(name, manager.names() if manager is not None else [])
-    await daemon.in_load_pool(manager.remove, name)
-    return json_response({"name": name, "state": "UNAVAILABLE"})
+    await repository.unload(daemon_of(request), name)
+    return json_response({"name": name, "state": repository.UNAVAILABLE})
 
 
-async def _parameters(request: web.Request) -> dict[str, Any]:
+async def _document(request: web.Request) -> dict[str, Any]:
     body = await read_body(request)
     if not body.strip():
         return {}
@@ -195,7 +140,13 @@ async def _parameters(request: web.Request) -> dict[str, Any]:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"invalid JSON: {exc}") from None
-    parameters = document.get("parameters", {}) if isinstance(document, dict) else None
+    if not isinstance(document, dict):
+        raise ProtocolError("expected a JSON object")
+    return document
+
+
+async def _parameters(request: web.Request) -> dict[str, Any]:
+    parameters = (await _document(request)).get("parameters", {})
     if not isinstance(parameters, dict):
         raise ProtocolError('expected {"parameters": {...}}')
     return parameters
