@@ -6,9 +6,12 @@
   ``dataframe_split`` rows, orjson-encode; on the event loop, no batching, no checks. What
   anyone would write in ten lines for one known model.
 
-Both run on the same event loop modeld runs on (uvloop when installed), one process each:
+Both run on the same event loop modeld runs on (uvloop when installed), one process each.
+For gRPC, the same idea: ``grpc-aio`` (grpcio's asyncio server) and ``grpc-sync`` (its
+thread-pool server) answer every ``ModelInfer`` with a fixed serialized response, no parse:
+what grpcio itself can do per call on this machine.
 
-    .venv/bin/python bench/refservers.py bare|naive --port P [--model-uri URI]
+    .venv/bin/python bench/refservers.py bare|naive|grpc-aio|grpc-sync --port P [--model-uri URI]
 """
 
 from __future__ import annotations
@@ -56,12 +59,67 @@ def naive_app(model_uri: str) -> web.Application:
     return app
 
 
+def serve_grpc_bare(port: int, *, sync: bool) -> None:
+    """A gRPC ``ModelInfer`` that answers a fixed response, and a /ping-like ServerLive."""
+    import grpc
+
+    from serving.codecs import messages as pb
+
+    answer = pb.ModelInferResponse(model_name="iris", model_version="1")
+    answer.outputs.add(name="predict", datatype="INT64", shape=[1])
+    answer.raw_output_contents.append(b"\0" * 8)
+    fixed = answer.SerializeToString()
+    live = pb.ServerLiveResponse(live=True).SerializeToString()
+
+    def handlers(infer: object, ping: object) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService",
+            {
+                "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),  # type: ignore[arg-type]
+                "ServerLive": grpc.unary_unary_rpc_method_handler(ping),  # type: ignore[arg-type]
+            },
+        )
+
+    address = f"127.0.0.1:{port}"
+    if sync:
+        from concurrent import futures
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        server.add_generic_rpc_handlers((handlers(lambda r, c: fixed, lambda r, c: live),))
+        server.add_insecure_port(address)
+        server.start()
+        server.wait_for_termination()
+        return
+
+    async def infer(request: bytes, context: object) -> bytes:
+        return fixed
+
+    async def ping(request: bytes, context: object) -> bytes:
+        return live
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handlers(infer, ping),))
+        server.add_insecure_port(address)
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kind", choices=("bare", "naive"))
+    parser.add_argument("kind", choices=("bare", "naive", "grpc-aio", "grpc-sync"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model-uri")
     args = parser.parse_args()
+    if args.kind.startswith("grpc-"):
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        serve_grpc_bare(args.port, sync=args.kind == "grpc-sync")
+        return
     import warnings
 
     # The naive server sends arrays to an estimator fitted on a DataFrame: sklearn warns.
