@@ -227,10 +227,31 @@ async def test_follows_the_workspace_and_serves_from_azurite(aiohttp_client, wor
         return status["tags"] == {"owner": "team-a"} and status["description"] == "retrained"
 
     assert await until(described, timeout_s=30)
+    await run(c.delete_model_version_tag, NAME, "2", "owner")
+
+    async def untagged():
+        return (await (await client.get("/models/prod")).json())["tags"] == {}
+
+    assert await until(untagged, timeout_s=30)
     # deleting the newest version moves latest back
     await run(c.delete_model_version, NAME, str(three))
     assert await serving("latest", 2)
     assert await answers("latest") == [2, 2]
+    # A workspace cannot delete a registered model: its users delete every version instead.
+    # The routes keep their cached versions and say the registry names nothing now.
+    for version in ("1", "2"):
+        await run(c.delete_model_version, NAME, version)
+
+    async def emptied():
+        status = await (await client.get("/models/latest")).json()
+        return status["version"] == 2 and status["problem_kind"] == "not found"
+
+    assert await until(emptied, timeout_s=30)
+    assert await answers("latest") == [2, 2]
+    four = await run(workspace.register, 4)
+    await run(c.transition_model_version_stage, NAME, str(four), "Production")
+    assert await serving("latest", four) and await serving("prod", four)
+    assert await answers("prod") == [4, 4]
 
 
 async def _is(client, route, version):

@@ -453,9 +453,11 @@ async def test_a_large_decode_never_holds_the_models_predict_thread(
     small_s = time.perf_counter() - started
     big_s = await task
     assert small.status == 200
-    # Waiting behind the parse took ~0.5 s of its ~0.8 s; not waiting, ~10 ms.
+    # Waiting behind the parse took the rest of it (~0.5 s of ~0.8 s); not waiting, ~10 ms
+    # on an idle machine, up to ~0.2 s where the parse's thread and the loop share a busy
+    # core: bounded by a fraction of the parse, which waiting behind it could never be.
     assert big_s > 0.4, f"the parse took {big_s:.2f}s: too quick to show anything"
-    assert small_s < 0.15, (small_s, big_s)
+    assert small_s < min(0.5, (big_s - 0.3) / 3), (small_s, big_s)
 
 
 async def test_connections_beyond_the_cap_are_closed_with_one_log_line(
