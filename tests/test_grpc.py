@@ -49,6 +49,17 @@ def _triton(url):
     return grpcclient.InferenceServerClient(url=url)
 
 
+def _status_of(call):
+    """The gRPC status a tritonclient call ends with ("OK" when it answers)."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        call()
+    except InferenceServerException as exc:
+        return exc.status()
+    return "OK"
+
+
 async def test_tritonclient_grpc_health_metadata_and_infer(grpc_server, registry):
     import tritonclient.grpc as grpcclient
 
@@ -90,17 +101,9 @@ async def test_tritonclient_grpc_health_metadata_and_infer(grpc_server, registry
 async def test_grpc_errors_are_status_codes_never_unknown(grpc_server):
     import grpc
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
 
     _, url = grpc_server
     auth = {"authorization": "Bearer s3cret"}
-
-    def status_of(call):
-        try:
-            call()
-        except InferenceServerException as exc:
-            return exc.status()
-        return "OK"
 
     def talk():
         tc = _triton(url)
@@ -110,18 +113,18 @@ async def test_grpc_errors_are_status_codes_never_unknown(grpc_server):
         short._get_tensor().ClearField("contents")
         short._raw_content = np.zeros(3, dtype="<f8").tobytes()  # 3 elements for a [2, 4]
         codes = {
-            "no token": status_of(lambda: tc.infer("real", [good])),
-            "bad shape": status_of(lambda: tc.infer("real", [short], headers=auth)),
-            "no model": status_of(lambda: tc.infer("nope", [good], headers=auth)),
-            "no version": status_of(
+            "no token": _status_of(lambda: tc.infer("real", [good])),
+            "bad shape": _status_of(lambda: tc.infer("real", [short], headers=auth)),
+            "no model": _status_of(lambda: tc.infer("nope", [good], headers=auth)),
+            "no version": _status_of(
                 lambda: tc.infer("iris", [good], model_version="1", headers=auth)
             ),
-            "unknown output": status_of(
+            "unknown output": _status_of(
                 lambda: tc.infer(
                     "real", [good], outputs=[grpcclient.InferRequestedOutput("nah")], headers=auth
                 )
             ),
-            "metadata of nothing": status_of(lambda: tc.get_model_metadata("nope")),
+            "metadata of nothing": _status_of(lambda: tc.get_model_metadata("nope")),
         }
         ok = tc.infer("real", [good], headers=auth).as_numpy("predict").tolist()
         tc.close()
@@ -180,19 +183,11 @@ async def admin_grpc_server(aiohttp_client, registry, cache_dir):
 async def test_tritonclient_repository_and_statistics_rpcs(admin_grpc_server, registry):
     """Triton's repository and statistics RPCs, from tritonclient.grpc, agree with REST."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
 
     http, url = admin_grpc_server
     admin = {"authorization": "Bearer adm1n"}
     x = grpcclient.InferInput("x", [2, 4], "FP64")
     x.set_data_from_numpy(iris_frame(2).to_numpy())
-
-    def code(call):
-        try:
-            call()
-        except InferenceServerException as exc:
-            return exc.status()
-        return "OK"
 
     def talk():
         tc = _triton(url)
@@ -201,18 +196,18 @@ async def test_tritonclient_repository_and_statistics_rpcs(admin_grpc_server, re
         out = {
             "stats": tc.get_inference_statistics("real", as_json=True),
             "all stats": tc.get_inference_statistics(as_json=True),
-            "stats of nothing": code(lambda: tc.get_inference_statistics("nope")),
-            "index without token": code(lambda: tc.get_model_repository_index()),
+            "stats of nothing": _status_of(lambda: tc.get_inference_statistics("nope")),
+            "index without token": _status_of(lambda: tc.get_model_repository_index()),
             "index": tc.get_model_repository_index(headers=admin, as_json=True),
         }
         tc.unload_model("real", headers=admin)
         out["after unload"] = tc.get_model_repository_index(headers=admin, as_json=True)
-        out["infer unloaded"] = code(lambda: tc.infer("real", [x]))
-        out["unload again"] = code(lambda: tc.unload_model("real", headers=admin))
+        out["infer unloaded"] = _status_of(lambda: tc.infer("real", [x]))
+        out["unload again"] = _status_of(lambda: tc.unload_model("real", headers=admin))
         tc.load_model("real", headers=admin)  # as configured
         out["ready again"] = tc.is_model_ready("real")
-        out["load unknown"] = code(lambda: tc.load_model("nope", headers=admin))
-        out["load with config"] = code(
+        out["load unknown"] = _status_of(lambda: tc.load_model("nope", headers=admin))
+        out["load with config"] = _status_of(
             lambda: tc.load_model("real", headers=admin, config='{"backend": "python"}')
         )
         tc.close()
