@@ -4,14 +4,17 @@ memory: total RSS of ``--workers 4`` against ``--workers 1`` serving the forest,
 after swaps, with requests/s at 32 clients.
 
     .venv/bin/python bench/floor_bench.py [--count 2000] [--models iris,forest] [--workers-check]
+        [--registry sqlite|server]
 
 One process each, one worker each (the floor), 1-row ``dataframe_split``, closed loop, the
-endpoints interleaved per cell. The registry is a local sqlite one: no server in the way.
+endpoints interleaved per cell. The registry is a local sqlite one (no server in the way), or
+with ``--registry server`` an ``mlflow server`` over HTTP, as a sidecar in a cluster follows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -23,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    MlflowServer,
     closed_loop,
     free_port,
     log_models,
@@ -113,8 +117,18 @@ def workers_check(args: argparse.Namespace, tracking: str, root: Path) -> None:
     client = MlflowClient(tracking)
     versions = sorted(int(v.version) for v in client.search_model_versions("name='forest'"))
     if len(versions) < 2:  # a second version of the same forest to swap to
-        source = client.get_model_version("forest", "1").source
-        client.create_model_version("forest", source, run_id=None)
+        first = client.get_model_version("forest", "1")
+        # MLflow 3: a server wants the logged model's id with its models:/m-... source (and
+        # its get_model_version may not say it)
+        model_id = getattr(first, "model_id", None) or (
+            first.source.removeprefix("models:/") if first.source.startswith("models:/m-") else None
+        )
+        client.create_model_version(
+            "forest",
+            first.source,
+            run_id=first.run_id,
+            **({"model_id": model_id} if model_id else {}),
+        )
         versions = [1, 2]
     client.set_registered_model_alias("forest", "live", "1")
     body = payload(1)
@@ -201,19 +215,28 @@ def main() -> None:
     parser.add_argument("--workers-check", action="store_true", help="--workers 4 memory")
     parser.add_argument("--no-floor", action="store_true", help="only the --workers check")
     parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument(
+        "--registry",
+        choices=("sqlite", "server"),
+        default="sqlite",
+        help="the registry modeld follows: a local sqlite file, or `mlflow server` over HTTP",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="modeld-floor-bench-"))
     try:
         os.chdir(root)  # MLflow's default artifact root (./mlruns) lands in the run's tmp
-        tracking = f"sqlite:///{root / 'mlflow.db'}"
-        import mlflow
+        with contextlib.ExitStack() as stack:
+            tracking = f"sqlite:///{root / 'mlflow.db'}"
+            if args.registry == "server":
+                tracking = stack.enter_context(MlflowServer(root / "server")).url
+            import mlflow
 
-        mlflow.set_registry_uri(tracking)
-        uris = log_models(tracking)
-        if not args.no_floor:
-            floor(args, uris, tracking, root)
-        if args.workers_check:
-            workers_check(args, tracking, root)
+            mlflow.set_registry_uri(tracking)
+            uris = log_models(tracking)
+            if not args.no_floor:
+                floor(args, uris, tracking, root)
+            if args.workers_check:
+                workers_check(args, tracking, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -126,13 +126,10 @@ def make_source(options: SourceOptions | None = None, **fields: Any) -> ModelSou
     """
     opts = SourceOptions.of(options, **fields)
     import_ahead_of_mlflow()
-    import mlflow
-    from mlflow import MlflowClient
-
-    tracking_uri = opts.tracking_uri or mlflow.get_tracking_uri()
-    prepare_azureml(tracking_uri, opts.registry_uri or mlflow.get_registry_uri())
+    tracking_uri, registry_uri = _uris(opts)
+    prepare_azureml(tracking_uri, registry_uri)
     policy = DependencyPolicy(opts.policy, opts.dependency_match, tuple(opts.dependency_ignore))
-    client = MlflowClient(tracking_uri=opts.tracking_uri, registry_uri=opts.registry_uri)
+    client = _client(opts)
     cache = ModelCache(
         opts.cache_root, max_bytes=opts.max_cache_bytes, keep_versions=opts.keep_versions
     )
@@ -151,6 +148,57 @@ def make_source(options: SourceOptions | None = None, **fields: Any) -> ModelSou
         snapshots=opts.snapshots,
         envs=envs,
     )
+
+
+def share_stores(options: SourceOptions | None = None, **fields: Any) -> int:
+    """Build MLflow's database stores for ``options``' tracking and registry URIs in this
+    process, with their connections closed, ahead of forking processes that use them.
+
+    MLflow keeps one store per URI, so a process forked after this takes it as it is instead of
+    building its own: for a database registry (``sqlite:``, ``postgresql:``, ``mysql:``,
+    ``mssql:``), the engine, the schema check and the ORM set-up, ~0.5 s and ~18 MB that each
+    process would otherwise write out of the memory it shares with the others. Its connection
+    pool is emptied (SQLAlchemy's rule for engines and ``fork``): each process opens its own
+    connections. HTTP, Databricks, Azure ML and plugin stores are left alone (cheap to build,
+    and some hold sessions or credentials a fork must not share). Returns how many it built.
+
+    Raises whatever building the store raises (the database unreachable, ...).
+    """
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    client = _client(SourceOptions.of(options, **fields))
+    tracking = client._tracking_client  # the URIs as the client resolved them
+    stores = []
+    if _scheme(tracking.tracking_uri) in DATABASE_ENGINES:
+        stores.append(tracking.store)
+    if _scheme(client._registry_uri) in DATABASE_ENGINES:
+        stores.append(client._get_registry_client().store)
+    for store in stores:
+        engine = getattr(store, "engine", None)
+        if engine is not None:
+            engine.dispose()
+    return len(stores)
+
+
+def _uris(opts: SourceOptions) -> tuple[str, str]:
+    """The tracking and registry URIs ``opts`` give, MLflow's defaults filled in."""
+    import mlflow
+
+    return (
+        opts.tracking_uri or mlflow.get_tracking_uri(),
+        opts.registry_uri or mlflow.get_registry_uri(),
+    )
+
+
+def _client(opts: SourceOptions) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=opts.tracking_uri, registry_uri=opts.registry_uri)
+
+
+def _scheme(uri: str) -> str:
+    """``postgresql+psycopg2://...`` -> ``postgresql``."""
+    return uri.partition(":")[0].partition("+")[0].lower() if ":" in uri else ""
 
 
 def load_model(
@@ -217,4 +265,5 @@ __all__ = [
     "default_cache_dir",
     "load_model",
     "make_source",
+    "share_stores",
 ]

@@ -238,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_secrets_in(config)  # the supervisor read the tokens too
         import importlib
 
+        from loader.api import share_stores
+
         return supervise(
             sock,
             config.server.workers,
@@ -246,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_timeout_s=config.server.load_timeout_s,
             # imported once, in the parent: the workers share its pages
             prepare=lambda: importlib.import_module("serving.app"),
+            share=lambda: share_stores(config.source_options()),
         )
     return serve(config, reload=reloader(args))
 

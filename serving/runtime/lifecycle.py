@@ -93,10 +93,10 @@ class Daemon:
                 return
             self.manager = self.dataplane.manager = manager
             await self.refresh()
+            if (directory := peers_dir()) is not None:  # before "started": the supervisor
+                await self.in_load_pool(publish_modules, directory)  # forks from those
             self.metrics.started = True
             await self.in_load_pool(self.metrics.publish)
-            if (directory := peers_dir()) is not None:
-                await self.in_load_pool(publish_modules, directory)
         finally:
             gc.freeze()
             gc.enable()

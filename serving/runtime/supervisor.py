@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ import orjson
 
 import loader.inherit as inherit
 from loader.policy import backoff_s
+from serving.runtime import peers
 from serving.runtime.peers import MODULES_FILE_PREFIX, STATE_FILE_PREFIX
 
 log = logging.getLogger("modeld.workers")
@@ -82,6 +83,7 @@ class _Parent:
     run: Callable[[], int]
     directory: str
     load_timeout_s: float
+    share: Callable[[], object] | None = None
     workers: dict[int, _Worker] = field(default_factory=dict)
     generation: int = 0
     #: The versions the current generation was forked with (None: the first worker's own).
@@ -186,6 +188,8 @@ class _Parent:
         _import_like(self.directory, self.current())
         for load in inherit.offered() - wanted:
             inherit.withdraw(load)
+        if self.share is not None:  # now, not before the first worker: it may be unreachable
+            _share(self.share, self.load_timeout_s)
         gc.collect()
         for load in sorted(wanted - inherit.offered()):
             _load(load, configs.get(load), self.load_timeout_s)
@@ -214,15 +218,18 @@ def supervise(
     drain_timeout_s: float,
     load_timeout_s: float,
     prepare: Callable[[], object] | None = None,
+    share: Callable[[], object] | None = None,
 ) -> int:
     """Serve on ``sock`` with ``workers`` forked processes, each running ``run`` (the one-server
     path, which adopts the parent's models), until a signal. ``prepare`` runs once before the
-    first fork (imports whose pages the workers then share)."""
+    first fork (imports whose pages the workers then share); ``share`` before each fork of a
+    generation, once the first worker has started (it builds what every worker would build
+    alike: the registry client's database store)."""
     directory = tempfile.mkdtemp(prefix="modeld-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # before prometheus-client is imported
     if prepare is not None:
         prepare()
-    parent = _Parent(sock, workers, run, directory, load_timeout_s)
+    parent = _Parent(sock, workers, run, directory, load_timeout_s, share)
 
     def stop(signum: int, _frame: object) -> None:
         if not parent.stopping:
@@ -279,6 +286,7 @@ def _run_worker(run: Callable[[], int], index: int, sock: socket.socket) -> None
         random.seed()  # forked workers would otherwise jitter their polls in step
         os.environ[WORKER_ENV] = str(index + 1)
         os.environ[LISTEN_FD_ENV] = str(sock.fileno())
+        peers.forked()
         code = run()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -298,6 +306,13 @@ def _import_ahead() -> None:
     import_ahead_of_mlflow()
     with contextlib.suppress(ImportError):
         import mlflow.pyfunc  # noqa: F401
+        import watchdog.observers  # noqa: F401  (every worker's follower)
+    try:  # MLflow's registry stores and plugins, found by an entry-point scan
+        from mlflow.tracking._model_registry.utils import _get_store_registry
+
+        _get_store_registry()
+    except Exception as exc:  # a broken plugin: each worker meets it on its own
+        log.debug("MLflow's registry stores not listed ahead of the workers: %s", exc)
 
 
 def _import_like(directory: str, pids: list[int]) -> None:
@@ -321,28 +336,48 @@ def _import_like(directory: str, pids: list[int]) -> None:
         return
 
 
+def _share(share: Callable[[], object], timeout_s: float) -> None:
+    """Build what the workers would each build alike (the registry's database store), once,
+    bounded: the parent must go back to supervising."""
+    try:
+        with _alarm(timeout_s, "sharing the registry client"):
+            share()
+    except Exception as exc:  # each worker builds its own, as before
+        log.warning("could not build the registry client to share it: %s", exc)
+
+
 def _load(load: inherit.Key, model_config: Any, timeout_s: float) -> None:
     """Load one version the workers serve, bounded by ``timeout_s`` (the parent must go back
     to supervising: a load stuck in a model's own Python code is interrupted)."""
     from loader.pyfunc import PyFuncLoader
 
-    def expire(_signum: int, _frame: object) -> None:
-        raise TimeoutError(f"the load took longer than {timeout_s:g}s (server.load_timeout_s)")
-
     path = load[0]
     started = time.perf_counter()
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        model = PyFuncLoader(path).load(model_config=model_config or None)
+        with _alarm(timeout_s, "the load"):
+            model = PyFuncLoader(path).load(model_config=model_config or None)
     except Exception as exc:  # each worker loads it on its own, as before
         log.warning("could not load %s to share it: %s (each worker loads its own)", path, exc)
         return
+    inherit.offer(load, model)
+    log.info("loaded %s in %.3fs to share with the workers", path, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _alarm(timeout_s: float, what: str) -> Iterator[None]:
+    """Interrupt the block with TimeoutError after ``timeout_s`` (in Python code: a blocking
+    C call ends first)."""
+
+    def expire(_signum: int, _frame: object) -> None:
+        raise TimeoutError(f"{what} took longer than {timeout_s:g}s (server.load_timeout_s)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    inherit.offer(load, model)
-    log.info("loaded %s in %.3fs to share with the workers", path, time.perf_counter() - started)
 
 
 def _state(directory: str, pid: int) -> dict[str, Any] | None:
