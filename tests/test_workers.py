@@ -348,3 +348,99 @@ def test_a_shared_database_store_serves_a_forked_process_on_its_own_connection(r
         answer = json.loads(fh.read() or b"null")
     assert os.waitstatus_to_exitcode(status) == 0 and answer == [True, "Production"]
     assert client.get_model_version("iris", "1").current_stage == "Staging"
+
+
+def _worker_versions(base: str, name: str) -> dict[str, object]:
+    """Each worker's version of route ``name`` (pid -> version), whichever worker answers."""
+    view = json.loads(urllib.request.urlopen(f"{base}/models/{name}", timeout=10).read())
+    return {str(w["pid"]): w["version"] for w in view.get("workers", [])}
+
+
+def _wait_versions(base: str, name: str, version: int, workers: int, *, avoid=frozenset()):
+    deadline = time.monotonic() + 90
+    seen: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        seen = _worker_versions(base, name)
+        if len(seen) == workers and set(seen.values()) == {version} and not set(seen) & set(avoid):
+            return set(seen)
+        time.sleep(0.2)
+    raise AssertionError(f"not every worker serves {name} version {version}: {seen}")
+
+
+@pytest.mark.slow
+def test_an_admin_pin_made_through_one_worker_holds_in_every_worker(registry, tmp_path):
+    """A pin reaches one worker; every worker serves the pinned version, so does a worker
+    restarted later (it applies the ledger before it serves), and the unpin reaches all."""
+    client = registry.client()
+    register(client, "pinned", registry.models["const1"])
+    register(client, "pinned", registry.models["const2"])
+    proc, base = serve_modeld(
+        registry, tmp_path / "cache", "--workers", "2", "--poll-interval", "0.5",
+        "-m", "models:/pinned/latest", start_new_session=True,
+    )  # fmt: skip
+    body = {"dataframe_split": json.loads(iris_frame(1).to_json(orient="split", index=False))}
+
+    def answers(n=30):
+        return {
+            (headers["X-Modeld-Worker"], payload["predictions"][0])
+            for status, payload, headers in (
+                post(f"{base}/models/pinned/invocations", body) for _ in range(n)
+            )
+            if status == 200
+        }
+
+    try:
+        wait_http(f"{base}/health", timeout_s=120, proc=proc)
+        wait_shared(base, 2)
+        status, pinned, _ = post(f"{base}/admin/models/pinned/pin", {"version": 1})
+        assert status == 200 and pinned["version"] == 1, pinned
+        _wait_versions(base, "pinned", 1, 2)
+        got = answers()
+        assert {answer for _, answer in got} == {1}, got
+
+        victim = next(iter(_worker_versions(base, "pinned")))
+        os.kill(int(victim), signal.SIGKILL)  # forked again: it resolves latest, then the pin
+        _wait_versions(base, "pinned", 1, 2, avoid={victim})
+        assert {answer for _, answer in answers()} == {1}
+
+        request = urllib.request.Request(f"{base}/admin/models/pinned/pin", method="DELETE")
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200
+        _wait_versions(base, "pinned", 2, 2)
+        assert {answer for _, answer in answers()} == {2}
+    finally:
+        # (the supervisor is rolling to a generation on version 2 by now: a SIGTERM in the
+        # middle of a roll must reach the workers it forks, or it waits out the drain)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stopping = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - stopping < 20, err[-3000:]
+    assert "applying pin of pinned (1), made through another worker" in err
+    assert "applying unpin of pinned" in err
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_the_edit_ledger_keeps_what_lasts_and_drops_what_a_reload_ends(tmp_path):
+    """serving.runtime.edits: later edits of a route replace earlier ones; weights and
+    repository edits hold under the config they were made under, until a reload mark."""
+    from serving.runtime import edits
+
+    d = str(tmp_path)
+    assert edits.read(d) == []
+    one = edits.record(d, edits.PIN, "iris", 3, ref="models:/iris/latest")
+    two = edits.record(d, edits.WEIGHTS, "fraud", {"b": 50}, config="A")
+    three = edits.record(d, edits.UNPIN, "iris")  # replaces the pin
+    four = edits.record(d, edits.LOAD, "extra", "models:/iris/1", config="A")
+    assert [one, two, three, four] == [1, 2, 3, 4]
+    assert [(e.seq, e.kind) for e in edits.read(d)] == [(2, "weights"), (3, "unpin"), (4, "load")]
+    assert [e.seq for e in edits.pending(edits.read(d), 0, "A")] == [2, 3, 4]
+    assert [e.seq for e in edits.pending(edits.read(d), 2, "A")] == [3, 4]
+    assert [e.seq for e in edits.pending(edits.read(d), 0, "B")] == [3]  # another config
+    edits.record(d, edits.RELOAD, "")  # SIGHUP: weights and repository edits end
+    assert [e.kind for e in edits.read(d)] == ["unpin", "reload"]
+    edits.record(d, edits.POLL, "")
+    edits.record(d, edits.POLL, "iris")  # only the latest poll request is kept
+    assert [(e.kind, e.name) for e in edits.pending(edits.read(d), 0, "A")] == [
+        ("unpin", "iris"),
+        ("poll", "iris"),
+    ]

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from serving.config import Config
+from serving.runtime.edits import RELAY_SIGNAL
+from serving.runtime.peers import peers_dir
 from serving.runtime.supervisor import inherited_socket
 
 log = logging.getLogger("modeld")
@@ -106,7 +108,11 @@ def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
             log.info("SIGHUP: reloading the config")
             daemon.spawn(daemon.reload_config())
 
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+        if peers_dir() is not None:  # --workers: another worker made a runtime edit
+            loop.add_signal_handler(RELAY_SIGNAL, lambda: daemon.spawn(daemon.apply_edits()))
+            daemon.spawn(daemon.apply_edits())  # one made before this handler was set
 
     app.on_startup.append(announce)
     app.on_startup.append(reload_on_hangup)

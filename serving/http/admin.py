@@ -26,6 +26,7 @@ from serving.http.auth import is_loopback, require_token
 from serving.http.errors import Style, envelope, error_middleware, json_response
 from serving.http.keys import daemon_of
 from serving.http.predict import read_body
+from serving.runtime import edits
 from serving.runtime.deliveries import DeliveryLedger
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,9 @@ def _force(request: web.Request) -> bool:
 @admin_only
 async def refresh_all(request: web.Request) -> web.Response:
     manager = _manager(request)
-    await daemon_of(request).refresh(force=_force(request))
+    daemon = daemon_of(request)
+    await daemon.refresh(force=_force(request))
+    await daemon.share(edits.POLL, "")
     return json_response(manager.status().to_dict())
 
 
@@ -90,6 +93,7 @@ async def refresh_one(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     daemon.dataplane.require(name)
     await daemon.refresh([name], force=_force(request))
+    await daemon.share(edits.POLL, name)
     return json_response(_manager(request).status(name).to_dict())
 
 
@@ -121,6 +125,7 @@ async def pin(request: web.Request) -> web.Response:
             },
             409,
         )
+    await daemon.share(edits.PIN, name, version)
     return json_response(status.to_dict())
 
 
@@ -150,6 +155,7 @@ async def set_weights(request: web.Request) -> web.Response:
     except ValueError as exc:
         return envelope(400, str(exc), "INVALID_PARAMETER_VALUE")
     log.info("%s: arm weights now %s", name, {a.config.name: a.weight for a in split.answering})
+    await daemon.share(edits.WEIGHTS, name, weights)
     return json_response(split.to_dict())
 
 
@@ -161,6 +167,7 @@ async def unpin(request: web.Request) -> web.Response:
     manager = _manager(request)
     manager.unpin(name)
     await daemon.refresh([name])
+    await daemon.share(edits.UNPIN, name)
     status = manager.status(name)
     log.info("%s unpinned: following %s again", name, status.ref)
     return json_response(status.to_dict())
@@ -197,4 +204,5 @@ async def webhook(request: web.Request) -> web.Response:
     log.info("registry webhook %s: polling now", delivery[:64])
     if daemon.follower is not None:
         daemon.follower.poke()
+    await daemon.share(edits.POLL, "")
     return json_response({"accepted": True})

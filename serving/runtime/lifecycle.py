@@ -28,6 +28,7 @@ from serving.config import (
     load_config,
     restart_needed,
 )
+from serving.runtime import edits
 from serving.runtime.arms import Split
 from serving.runtime.batching import RouteWorker
 from serving.runtime.dataplane import DataPlane
@@ -62,6 +63,12 @@ class Daemon:
         self.start_error: str | None = None
         self._config_digest = _digest(config.path) if config.path else None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # --workers: the other workers' runtime edits this one has applied (serving.runtime.edits)
+        self._edits_dir = peers_dir()
+        self._edits_applied = 0
+        self._edits_own: set[int] = set()
+        self._edits_lock = asyncio.Lock()
+        self._config_id = edits.config_digest(config.path, config.models)
 
     @property
     def workers(self) -> dict[str, RouteWorker]:
@@ -92,6 +99,8 @@ class Daemon:
                 log.exception("modeld could not start its model pipeline")
                 return
             self.manager = self.dataplane.manager = manager
+            if self._edits_dir is not None:  # before anything is served: the fleet's edits
+                await self.apply_edits(at_start=True)
             await self.refresh()
             if (directory := peers_dir()) is not None:  # before "started": the supervisor
                 await self.in_load_pool(publish_modules, directory)  # forks from those
@@ -142,6 +151,7 @@ class Daemon:
             log.exception("config reload ignored, still serving the previous config")
             return
         old, self.config = self.config, new
+        self._config_id = edits.config_digest(new.path, new.models)
         for section in restart_needed(old, new):
             log.warning("config: [%s] changed; it takes effect after a restart", section)
         if old.registry.poll_interval_s != new.registry.poll_interval_s:
@@ -153,12 +163,70 @@ class Daemon:
             self.follower.sync_model_watches()
         if changed:
             await self.refresh(changed)
+        if self._edits_dir is not None:  # the edits the other workers made under this config
+            await self.apply_edits(at_start=True)
 
     async def refresh(self, names: Iterable[str] | None = None, *, force: bool = False) -> None:
         """Re-resolve ``names`` (default: every route) now, in the load executor."""
         manager = self.manager
         if manager is not None:
             await self.in_load_pool(lambda: manager.refresh(names, force=force))
+
+    async def share(self, kind: str, name: str, value: Any = None) -> None:
+        """With ``--workers``: record a runtime edit this worker has just applied, for every
+        other worker (and every worker forked later) to apply too; nothing on one server."""
+        directory = self._edits_dir
+        if directory is None:
+            return
+        ref = None
+        if kind == edits.PIN and self.manager is not None:
+            ref = self.manager.route(name).ref.uri
+        config = self._config_id if kind in edits.UNTIL_RELOAD else None
+        seq = await self.in_load_pool(
+            lambda: edits.record(directory, kind, name, value, config=config, ref=ref)
+        )
+        self._edits_own.add(seq)
+        edits.relay()
+
+    async def apply_edits(self, *, at_start: bool = False) -> None:
+        """Apply the runtime edits other workers recorded since the last call (``at_start``:
+        every one that still holds, its own included, as a worker forked later or one whose
+        config was just reloaded does; a past poll request is not repeated). Each is applied
+        as on the worker that took it; one that fails here is logged and skipped."""
+        directory, manager = self._edits_dir, self.manager
+        if directory is None or manager is None:
+            return
+        async with self._edits_lock:
+            try:
+                entries = await self.in_load_pool(edits.read, directory)
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("could not read the workers' runtime edits: %s", exc)
+                return
+            after = 0 if at_start else self._edits_applied
+            for edit in edits.pending(entries, after, self._config_id):
+                if edit.kind == edits.POLL if at_start else edit.seq in self._edits_own:
+                    continue  # (a reload ends this worker's own edits as it does the others')
+                try:
+                    await self._apply(manager, edit)
+                except Exception as exc:  # the other worker applied it; this one says why not
+                    why = redact(f"{type(exc).__name__}: {exc}")
+                    log.error("%s of %s, made through another worker, not applied here: %s",
+                              edit.kind, edit.name, why)  # fmt: skip
+            self._edits_applied = max([self._edits_applied, *(e.seq for e in entries)])
+
+    async def _apply(self, manager: ModelManager, edit: edits.Edit) -> None:
+        log.info("applying %s of %s (%s), made through another worker", edit.kind, edit.name,
+                 edit.value)  # fmt: skip
+        if edit.kind == edits.POLL:
+            if self.follower is not None:
+                self.follower.poke()
+        elif edit.kind == edits.WEIGHTS:
+            split = self.dataplane.splits.get(edit.name)
+            if split is not None:
+                split.set_weights(edit.value)
+        else:
+            spec = next((m.route_spec() for m in self.config.models if m.name == edit.name), None)
+            await self.in_load_pool(edits.apply_to_manager, manager, edit, spec)
 
     def status_view(self, name: str | None = None) -> dict[str, Any]:
         """The status as JSON-ready data (of route ``name``, or all): with ``--workers``,

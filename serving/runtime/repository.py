@@ -4,7 +4,8 @@ transports: ``/v2/repository/...`` and ``/v2/models/{name}/stats`` over HTTP, th
 request into these calls and their answers (or typed errors) into its own shapes.
 
 A route loaded through the repository lasts until the next config reload or restart: the
-config file is the truth, the repository a runtime edit of it (as ``/admin`` pins are).
+config file is the truth, the repository a runtime edit of it (as ``/admin`` pins are). With
+``--workers``, every worker applies it (:mod:`serving.runtime.edits`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from loader.errors import LoaderError, ModelNotReady
 from serving.codecs.base import ProtocolError
+from serving.runtime import edits
 from serving.runtime.dataplane import RouteNotFound, Served
 from serving.runtime.lifecycle import Daemon
 
@@ -99,17 +101,8 @@ async def load(daemon: Daemon, name: str, uri: str | None = None) -> str:
     if manager is None:
         raise ModelNotReady(name)
     spec = configured.route_spec() if configured is not None else None
-    target = uri or (spec.uri if spec is not None else "")
-
-    def apply() -> None:
-        # The route's own options stay (a served route's, else the configured ones).
-        if manager.serves(name):
-            manager.update(name, target, **manager.route(name).spec.options())
-        else:
-            manager.add(name, target, **(spec.options() if spec is not None else {}))
-        manager.refresh([name], force=True)
-
-    await daemon.in_load_pool(apply)
+    await daemon.in_load_pool(edits.serve_route, manager, name, uri, spec)
+    await daemon.share(edits.LOAD, name, uri)  # served (or failing) in every worker alike
     status = manager.status(name)
     if not status.ready or status.version is None:
         raise LoadFailed(name, status.waiting_for)
@@ -126,6 +119,7 @@ async def unload(daemon: Daemon, name: str) -> None:
     if manager is None or not manager.serves(name):
         raise ModelNotReady(name, manager.names() if manager is not None else [])
     await daemon.in_load_pool(manager.remove, name)
+    await daemon.share(edits.UNLOAD, name)
 
 
 def statistics(daemon: Daemon, served: list[Served] | None = None) -> list[dict[str, Any]]:

@@ -16,7 +16,9 @@ swapped to the same new set of versions, the parent rolls again: it loads the ne
 cache the workers filled and drops the old, whose memory returns to the system as the old
 generation exits. A version the parent cannot load (or an isolated one) is simply loaded by
 each worker, as before. A worker that dies is forked again from the parent (with backoff when
-it keeps dying). SIGTERM or SIGINT drains every worker and exits 0; SIGHUP is passed on.
+it keeps dying). SIGTERM or SIGINT drains every worker and exits 0; SIGHUP is passed on, and
+so is SIGUSR1, by which a worker says it recorded a runtime edit for the others
+(:mod:`serving.runtime.edits`).
 Metrics are merged across workers through prometheus-client's multiprocess mode.
 """
 
@@ -44,7 +46,7 @@ import orjson
 
 import loader.inherit as inherit
 from loader.policy import backoff_s
-from serving.runtime import peers
+from serving.runtime import edits, peers
 from serving.runtime.peers import MODULES_FILE_PREFIX, STATE_FILE_PREFIX
 
 log = logging.getLogger("modeld.workers")
@@ -91,8 +93,14 @@ class _Parent:
     retiring: set[int] = field(default_factory=set)
     restarts: list[float] = field(default_factory=list)
     stopping: bool = False
+    #: The workers sent SIGTERM since the supervisor began to stop.
+    stopped: set[int] = field(default_factory=set)
+    #: SIGHUPs received and not yet passed on.
+    hangups: int = 0
 
     def fork(self, index: int) -> None:
+        if self.stopping:  # SIGTERM came in the middle of a roll: no new generation
+            return
         pid = os.fork()
         if pid == 0:  # the worker: never returns
             _run_worker(self.run, index, self.sock)
@@ -106,6 +114,14 @@ class _Parent:
         for pid in self.workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+
+    def stop_all(self) -> None:
+        """SIGTERM every worker not yet sent one: called again while stopping, it reaches a
+        worker forked after the signal came (in the middle of a roll)."""
+        for pid in set(self.workers) - self.stopped:
+            self.stopped.add(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def reap(self) -> None:
         """Collect exited workers; fork a current one again (old generations just go)."""
@@ -239,15 +255,18 @@ def supervise(
                 len(parent.workers),
             )
         parent.stopping = True
-        parent.signal_all(signal.SIGTERM)
+        parent.stop_all()
 
-    def hangup(signum: int, _frame: object) -> None:
-        log.info("SIGHUP: every worker reloads the config")
-        parent.signal_all(signal.SIGHUP)
+    def hangup(signum: int, _frame: object) -> None:  # passed on by the loop below
+        parent.hangups += 1
+
+    def relay(signum: int, _frame: object) -> None:  # a worker recorded a runtime edit
+        parent.signal_all(edits.RELAY_SIGNAL)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, hangup)
+    signal.signal(edits.RELAY_SIGNAL, relay)
     _import_ahead()
     gc.freeze()
     parent.generation = 1
@@ -258,6 +277,7 @@ def supervise(
             time.sleep(TICK_S)
             parent.reap()
             if parent.stopping:
+                parent.stop_all()
                 deadline = deadline or time.monotonic() + drain_timeout_s + 10
                 if not parent.workers:
                     break
@@ -266,6 +286,9 @@ def supervise(
                     parent.signal_all(signal.SIGKILL)
                     break
                 continue
+            if parent.hangups:
+                parent.hangups = 0
+                _pass_hangup(parent)
             parent.step()
     finally:
         for pid in list(parent.workers):
@@ -276,12 +299,26 @@ def supervise(
     return 0
 
 
+def _pass_hangup(parent: _Parent) -> None:
+    """SIGHUP: every worker reloads the config; the reload also ends the runtime edits that
+    last until one, for workers forked later too (a mark in the edit ledger)."""
+    log.info("SIGHUP: every worker reloads the config")
+    try:
+        edits.record(parent.directory, edits.RELOAD, "")
+    except OSError as exc:
+        log.error("could not mark the reload for workers forked later: %s", exc)
+    parent.signal_all(signal.SIGHUP)
+
+
 def _run_worker(run: Callable[[], int], index: int, sock: socket.socket) -> None:
     """The forked worker's whole life: serve until stopped, then exit with its code."""
     code = 1
     try:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
+        # Until its loop handles it (after its start, which applies the ledger), a relayed
+        # edit must not kill a starting worker (SIGUSR1's default).
+        signal.signal(edits.RELAY_SIGNAL, signal.SIG_IGN)
         _die_with_parent()
         random.seed()  # forked workers would otherwise jitter their polls in step
         os.environ[WORKER_ENV] = str(index + 1)
