@@ -408,6 +408,19 @@ def test_an_admin_pin_made_through_one_worker_holds_in_every_worker(registry, tm
             assert resp.status == 200
         _wait_versions(base, "pinned", 2, 2)
         assert {answer for _, answer in answers()} == {2}
+
+        # the Open Inference Protocol's repository: a route loaded, then unloaded, in all
+        status, loaded, _ = post(f"{base}/v2/repository/models/extra/load",
+                                 {"parameters": {"uri": "models:/pinned/1"}})  # fmt: skip
+        assert status == 200 and loaded == {"name": "extra", "version": "1"}
+        _wait_versions(base, "extra", 1, 2)
+        status, _, _ = post(f"{base}/v2/repository/models/extra/unload", {})
+        assert status == 200
+        deadline, misses, index = time.monotonic() + 30, 0, {}
+        while misses < 12:  # in a row, each on a new connection: every worker, all but surely
+            assert time.monotonic() < deadline, f"extra still served: {index}"
+            index = json.loads(urllib.request.urlopen(f"{base}/models", timeout=10).read())
+            misses = 0 if any(m["name"] == "extra" for m in index["models"]) else misses + 1
     finally:
         # (the supervisor is rolling to a generation on version 2 by now: a SIGTERM in the
         # middle of a roll must reach the workers it forks, or it waits out the drain)
@@ -417,6 +430,8 @@ def test_an_admin_pin_made_through_one_worker_holds_in_every_worker(registry, tm
     assert time.monotonic() - stopping < 20, err[-3000:]
     assert "applying pin of pinned (1), made through another worker" in err
     assert "applying unpin of pinned" in err
+    assert "applying load of extra (models:/pinned/1)" in err
+    assert "applying unload of extra" in err
     assert proc.returncode == 0, err[-3000:]
 
 
