@@ -5,7 +5,9 @@ both (one worker each, `--env-manager local`), drives both with the same closed-
 (1-row and 100-row payloads; concurrency 1, 8, 32; a fixed count after warm-up; endpoints
 interleaved) and prints requests/s, p50, p99, the in-process floor (one ``pyfunc.predict`` call
 on the same rows), start-to-ready (the median of ``--starts`` cold starts each, and of as many
-modeld restarts on a warm cache), idle and peak RSS with ratios.
+modeld restarts on a warm cache), idle and peak RSS with ratios. Beside them, the two ceilings
+of ``bench/refservers.py`` (issue 18): a bare aiohttp server answering a constant and a naive
+ten-line handler (orjson, the estimator on a NumPy array, no checks), with modeld's ratio to each.
 
     .venv/bin/python bench/serve_bench.py [--count 400] [--models iris,forest] [--mlserver]
 
@@ -40,6 +42,9 @@ from bench.common import (  # noqa: E402
     wait_http,
 )
 
+REFS = Path(__file__).resolve().parent / "refservers.py"
+#: What no server on aiohttp beats (bare) and what anyone writes for one model (naive).
+CEILINGS = ("bare", "naive")
 COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
 
 
@@ -100,7 +105,9 @@ def mlserver_settings(root: Path, name: str, uri: str, tracking: str, batching: 
 def launch(kind: str, uri: str, tracking: str, root: Path) -> dict:
     port = free_port()
     env = {"MLFLOW_TRACKING_URI": tracking}
-    if kind.startswith("mlserver"):
+    if kind in CEILINGS:
+        cmd = [sys.executable, str(REFS), kind, "--port", str(port), "--model-uri", uri]
+    elif kind.startswith("mlserver"):
         folder = mlserver_settings(root, uri.split("/")[1], uri, tracking, kind.endswith("batch"))
         settings = {
             "http_port": port,
@@ -176,9 +183,9 @@ def main() -> None:
                     for rows in row_counts
                 )
                 servers = {}
-                kinds = ["mlflow", "modeld"]
+                kinds = [*CEILINGS, "mlflow", "modeld"]
                 if args.mlserver:
-                    kinds[1:1] = ["mlserver", "mlserver-batch"]
+                    kinds[-1:-1] = ["mlserver", "mlserver-batch"]
                 for kind in kinds:
                     servers[kind] = launch(kind, uris[model], registry.url, root)
                     time.sleep(1.0)
@@ -223,6 +230,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for model, servers in servers_info:
         for kind, srv in servers.items():
+            if kind in CEILINGS:
+                continue
             starts = srv["starts"]
             print(
                 f"| {model} | {kind} | {statistics.median(starts):.1f} s | "
@@ -286,6 +295,7 @@ def header(kinds: list[str]) -> str:
     cols = ["model", "rows", "clients", *(f"{k} req/s" for k in kinds), "modeld / mlflow"]
     if others:
         cols.append("modeld / best MLServer")
+    cols += [f"modeld / {k}" for k in CEILINGS if k in kinds]
     cols += ["p50 mlflow / modeld ms", "p99 mlflow / modeld ms", "p99 ratio", "errors"]
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
@@ -297,6 +307,7 @@ def _row(model, rows, c, pair) -> str:
     others = [r for k, r in pair.items() if k.startswith("mlserver")]
     if others:
         cells.append(f"{d.rps / max(max(r.rps for r in others), 1e-9):.2f}x")
+    cells += [f"{d.rps / max(pair[k].rps, 1e-9):.2f}x" for k in CEILINGS if k in pair]
     cells += [
         f"{m.p50:.1f} / {d.p50:.1f}",
         f"{m.pct(0.99):.1f} / {d.pct(0.99):.1f}",
