@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -351,8 +353,14 @@ def test_a_shared_database_store_serves_a_forked_process_on_its_own_connection(r
 
 
 def _worker_versions(base: str, name: str) -> dict[str, object]:
-    """Each worker's version of route ``name`` (pid -> version), whichever worker answers."""
-    view = json.loads(urllib.request.urlopen(f"{base}/models/{name}", timeout=10).read())
+    """Each worker's version of route ``name`` (pid -> version), whichever worker answers
+    (none yet when that worker has not applied a load of it)."""
+    try:
+        view = json.loads(urllib.request.urlopen(f"{base}/models/{name}", timeout=10).read())
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise
+        return {}
     return {str(w["pid"]): w["version"] for w in view.get("workers", [])}
 
 
@@ -459,3 +467,28 @@ def test_the_edit_ledger_keeps_what_lasts_and_drops_what_a_reload_ends(tmp_path)
         ("unpin", "iris"),
         ("poll", "iris"),
     ]
+
+
+async def test_one_server_never_signals_its_parent_even_with_a_multiprocess_dir(
+    registry, tmp_path, monkeypatch
+):
+    """PROMETHEUS_MULTIPROC_DIR set by a user for one `modeld serve` (prometheus-client's own
+    convention) must not make it a --workers worker: no ledger, no SIGUSR1 to its parent
+    (whose default action is to die)."""
+    from serving.runtime import edits
+    from serving.runtime.lifecycle import Daemon
+    from tests.helpers import make_config
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.delenv("MODELD_WORKER", raising=False)
+    monkeypatch.setattr(os, "getppid", os.getpid)  # a relay would land here, not on the shell
+    daemon = Daemon(make_config(registry, tmp_path / "cache", "models:/iris/1"))
+    got: list[int] = []
+    previous = signal.signal(edits.RELAY_SIGNAL, lambda signum, _: got.append(signum))
+    try:
+        await daemon.share(edits.UNPIN, "iris")
+        await asyncio.sleep(0.1)
+    finally:
+        signal.signal(edits.RELAY_SIGNAL, previous)
+        daemon.load_pool.shutdown(wait=True)
+    assert edits.read(str(tmp_path)) == [] and got == []

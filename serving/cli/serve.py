@@ -15,8 +15,7 @@ from typing import Any
 
 from serving.config import Config
 from serving.runtime.edits import RELAY_SIGNAL
-from serving.runtime.peers import peers_dir
-from serving.runtime.supervisor import inherited_socket
+from serving.runtime.supervisor import inherited_socket, is_worker
 
 log = logging.getLogger("modeld")
 EXIT_CANNOT_LISTEN = 1
@@ -110,7 +109,7 @@ def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, hangup)
-        if peers_dir() is not None:  # --workers: another worker made a runtime edit
+        if is_worker():  # --workers: another worker made a runtime edit
             loop.add_signal_handler(RELAY_SIGNAL, lambda: daemon.spawn(daemon.apply_edits()))
             daemon.spawn(daemon.apply_edits())  # one made before this handler was set
 

@@ -36,6 +36,7 @@ from serving.runtime.follower import Follower
 from serving.runtime.metrics import Metrics
 from serving.runtime.payloads import PayloadLog
 from serving.runtime.peers import merged_status, peer_states, peers_dir, publish_modules
+from serving.runtime.supervisor import is_worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +65,7 @@ class Daemon:
         self._config_digest = _digest(config.path) if config.path else None
         self._tasks: set[asyncio.Task[Any]] = set()
         # --workers: the other workers' runtime edits this one has applied (serving.runtime.edits)
-        self._edits_dir = peers_dir()
+        self._edits_dir = peers_dir() if is_worker() else None
         self._edits_applied = 0
         self._edits_own: set[int] = set()
         self._edits_lock = asyncio.Lock()
