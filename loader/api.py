@@ -23,7 +23,7 @@ from loader.envs import BUILD_TIMEOUT_S, EnvStore
 from loader.errors import ConfigError, LoaderError
 from loader.pipeline import ModelSource
 from loader.pyfunc import import_ahead_of_mlflow
-from loader.registry import Registry
+from loader.registry import LazyClient, Registry
 from loader.uri import parse_uri
 
 DEFAULT_CACHE_DIR = "~/.cache/modeld"
@@ -166,13 +166,16 @@ def share_stores(options: SourceOptions | None = None, **fields: Any) -> int:
     """
     from mlflow.store.db.db_types import DATABASE_ENGINES
 
-    client = _client(SourceOptions.of(options, **fields))
-    tracking = client._tracking_client  # the URIs as the client resolved them
+    lazy = _client(SourceOptions.of(options, **fields))  # the URIs as the client resolves them
+    tracking_db = _scheme(lazy.tracking_uri) in DATABASE_ENGINES
+    registry_db = _scheme(lazy.registry_uri) in DATABASE_ENGINES
     stores = []
-    if _scheme(tracking.tracking_uri) in DATABASE_ENGINES:
-        stores.append(tracking.store)
-    if _scheme(client._registry_uri) in DATABASE_ENGINES:
-        stores.append(client._get_registry_client().store)
+    if tracking_db or registry_db:  # (making the client builds its tracking store)
+        client: Any = lazy.client  # (its private parts are untyped)
+        if tracking_db:
+            stores.append(client._tracking_client.store)
+        if registry_db:
+            stores.append(client._get_registry_client().store)
     for store in stores:
         engine = getattr(store, "engine", None)
         if engine is not None:
@@ -190,10 +193,8 @@ def _uris(opts: SourceOptions) -> tuple[str, str]:
     )
 
 
-def _client(opts: SourceOptions) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=opts.tracking_uri, registry_uri=opts.registry_uri)
+def _client(opts: SourceOptions) -> LazyClient:
+    return LazyClient(tracking_uri=opts.tracking_uri, registry_uri=opts.registry_uri)
 
 
 def _scheme(uri: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,6 +133,43 @@ class ModelVersion:
         )
 
 
+class LazyClient:
+    """``MlflowClient(tracking_uri, registry_uri)``, made on first use.
+
+    Making an MlflowClient builds its tracking store at once, and MLflow 3's default store is
+    ``sqlite:///mlflow.db``: a process that serves only local paths, or lists the cache, would
+    create a 1 MB database in its working directory (and fail on a read-only one), where
+    ``mlflow models serve`` touches no store for a local path. The URIs are resolved as the
+    client resolves them, without a store; any other attribute makes the client.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, registry_uri: str | None = None) -> None:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        resolve_tracking: Any = tracking_utils._resolve_tracking_uri  # untyped in MLflow
+        self.tracking_uri: str = str(resolve_tracking(tracking_uri))
+        self.registry_uri = str(registry_utils._resolve_registry_uri(registry_uri, tracking_uri))
+        self._args = (tracking_uri, registry_uri)
+        self._made: MlflowClient | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> MlflowClient:
+        """The client (made now if it was not yet)."""
+        with self._lock:
+            if self._made is None:
+                from mlflow import MlflowClient
+
+                self._made = MlflowClient(tracking_uri=self._args[0], registry_uri=self._args[1])
+            return self._made
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set above
+        if name in ("_args", "_made", "_lock"):  # half-built (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.client, name)
+
+
 class Registry:
     """Resolve :class:`ModelRef` values against one MLflow registry.
 
@@ -141,10 +179,15 @@ class Registry:
             registry URI.
     """
 
-    def __init__(self, client: MlflowClient, *, identity: str | None = None) -> None:
+    def __init__(self, client: MlflowClient | LazyClient, *, identity: str | None = None) -> None:
         self.client = client
-        self.tracking_uri: str = client._tracking_client.tracking_uri
-        self.identity = identity or _redact(str(client._registry_uri))
+        if isinstance(client, LazyClient):  # its URIs without its store
+            self.tracking_uri: str = client.tracking_uri
+            registry_uri = client.registry_uri
+        else:
+            self.tracking_uri = client._tracking_client.tracking_uri
+            registry_uri = str(client._registry_uri)
+        self.identity = identity or _redact(str(registry_uri))
         self._batch_filter_ok = True
         #: Whether the registry has model aliases at all (None: not asked yet).
         self._aliases_supported: bool | None = None

@@ -105,3 +105,34 @@ def test_offline_start_serves_cached_version_marked_stale(registry, tmp_path, ca
     with pytest.raises(RegistryUnavailable, match="no copy"):
         loader.load_model("models:/offline/latest", cache_dir=cache_dir, tracking_uri=server.url)
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_no_registry_needed_no_mlflow_store_made(registry, tmp_path):
+    """With no registry configured, MLflow 3's default tracking store is ./mlflow.db: listing
+    the cache, or loading a local path through the library, must not create it in the working
+    directory (`mlflow models serve` touches no store for a local path)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(root)
+    library = (
+        "import loader; "
+        f"model = loader.load_model({str(registry.models['iris'])!r}, cache_dir='cache'); "
+        "print(type(model).__name__)"
+    )
+    runs = [
+        [sys.executable, "-m", "serving", "cache", "ls", "--cache-dir", "cache"],
+        [sys.executable, "-c", library],
+    ]
+    for cmd in runs:
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Creating initial MLflow database tables" not in done.stderr
+        assert not (tmp_path / "mlflow.db").exists(), cmd
+    assert "PyFuncModel" in done.stdout
