@@ -129,24 +129,41 @@ def make_source(options: SourceOptions | None = None, **fields: Any) -> ModelSou
     tracking_uri, registry_uri = _uris(opts)
     prepare_azureml(tracking_uri, registry_uri)
     policy = DependencyPolicy(opts.policy, opts.dependency_match, tuple(opts.dependency_ignore))
-    client = _client(opts)
-    cache = ModelCache(
+    return ModelSource(
+        Registry(_client(opts)),
+        make_cache(opts),
+        dependency_policy=policy,
+        verify=opts.verify,
+        snapshots=opts.snapshots,
+        envs=make_envs(opts),
+    )
+
+
+def make_cache(options: SourceOptions | None = None, **fields: Any) -> ModelCache:
+    """The disk cache ``options`` name, alone (no MLflow import: ``modeld cache ...``).
+
+    Raises:
+        ConfigError: a bad option; CacheError: the cache directory cannot be used.
+    """
+    opts = SourceOptions.of(options, **fields)
+    return ModelCache(
         opts.cache_root, max_bytes=opts.max_cache_bytes, keep_versions=opts.keep_versions
     )
-    envs = EnvStore(
+
+
+def make_envs(options: SourceOptions | None = None, **fields: Any) -> EnvStore:
+    """The isolated environments ``options`` name, alone (``modeld env ...``).
+
+    Raises:
+        ConfigError: a bad option.
+    """
+    opts = SourceOptions.of(options, **fields)
+    return EnvStore(
         opts.cache_root / "envs",
         build_timeout_s=opts.env_build_timeout_s,
         max_bytes=opts.env_max_bytes,
         parallel_builds=opts.env_parallel_builds,
         pythons=opts.env_pythons,
-    )
-    return ModelSource(
-        Registry(client),
-        cache,
-        dependency_policy=policy,
-        verify=opts.verify,
-        snapshots=opts.snapshots,
-        envs=envs,
     )
 
 
@@ -265,6 +282,8 @@ __all__ = [
     "SourceOptions",
     "default_cache_dir",
     "load_model",
+    "make_cache",
+    "make_envs",
     "make_source",
     "share_stores",
 ]

@@ -141,3 +141,20 @@ def test_pull_progress_line_for_a_large_download(tmp_path, capsys):
     lines = err.split("\r")
     assert any(line.startswith("big@3: [#") and "% " in line for line in lines), err
     assert lines[-1] == "big@3: [##############################] 100% 8.4 MB\n", err
+
+
+def test_cache_and_env_commands_read_the_disk_alone(tmp_path):
+    """`modeld cache ...` and `modeld env ...` touch only the cache directory: no MLflow import
+    (seconds of start for an operator's `cache ls`), no registry asked."""
+    script = (
+        "import sys\n"
+        "from serving.cli.main import main\n"
+        f"codes = [main([*cmd, '--cache-dir', {str(tmp_path)!r}]) for cmd in "
+        "(['cache', 'ls'], ['cache', 'verify'], ['env', 'ls'], ['env', 'gc'])]\n"
+        "print(codes, 'mlflow' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[0, 0, 0, 0] False", done.stdout

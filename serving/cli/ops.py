@@ -94,6 +94,16 @@ def run_operation(args: argparse.Namespace) -> int:
     except ConfigProblems as exc:
         print(f"modeld: {exc}", file=sys.stderr)
         return 2
+    if args.command in ("cache", "env"):  # the disk alone: no MLflow to import (seconds)
+        from loader.api import make_cache, make_envs
+
+        try:
+            if args.command == "cache":
+                return _cache(make_cache(config.source_options()), args)
+            return _env(make_envs(config.source_options()), args)
+        except LoaderError as exc:
+            print(f"modeld {args.command}: {exc}", file=sys.stderr)
+            return 1
     from loader.api import make_source
     from serving.config import bound_mlflow_http_retries
 
@@ -104,8 +114,8 @@ def run_operation(args: argparse.Namespace) -> int:
     bound_mlflow_http_retries()
     try:
         source = make_source(config.source_options())
-        command = {"pull": _pull, "resolve": _resolve, "check": _check, "cache": _cache}
-        return {**command, "env": _env}[args.command](source, args)
+        command = {"pull": _pull, "resolve": _resolve, "check": _check}
+        return command[args.command](source, args)
     except LoaderError as exc:
         print(f"modeld {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -226,8 +236,7 @@ def _check(source: Any, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _cache(source: Any, args: argparse.Namespace) -> int:
-    cache = source.cache
+def _cache(cache: Any, args: argparse.Namespace) -> int:
     if args.action == "ls":
         entries = sorted(cache.entries(), key=lambda e: e["last_used"], reverse=True)
         table = [("VERSION", "BYTES", "LAST USED", "PINNED", "PATH")] + [
@@ -268,8 +277,7 @@ def _cache(source: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _env(source: Any, args: argparse.Namespace) -> int:
-    envs = source.envs
+def _env(envs: Any, args: argparse.Namespace) -> int:
     if args.action == "ls":
         entries = envs.entries()
         table = [("ENVIRONMENT", "PYTHON", "BYTES", "LAST USED", "IN USE", "PACKAGES")] + [
