@@ -183,9 +183,13 @@ class Daemon:
         if kind == edits.PIN and self.manager is not None:
             ref = self.manager.route(name).ref.uri
         config = self._config_id if kind in edits.UNTIL_RELOAD else None
-        seq = await self.in_load_pool(
-            lambda: edits.record(directory, kind, name, value, config=config, ref=ref)
-        )
+        try:
+            seq = await self.in_load_pool(
+                lambda: edits.record(directory, kind, name, value, config=config, ref=ref)
+            )
+        except OSError as exc:  # (a full or read-only disk) the edit stands here: say so
+            log.error("%s of %s applied by this worker only: the edit ledger: %s", kind, name, exc)
+            return
         self._edits_own.add(seq)
         edits.relay()
 
