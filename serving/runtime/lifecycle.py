@@ -151,8 +151,8 @@ class Daemon:
         except Exception:
             log.exception("config reload ignored, still serving the previous config")
             return
-        old, self.config = self.config, new
-        self._config_id = edits.config_digest(new.path, new.models)
+        config_id = await self.in_load_pool(edits.config_digest, new.path, new.models)
+        old, self.config, self._config_id = self.config, new, config_id
         for section in restart_needed(old, new):
             log.warning("config: [%s] changed; it takes effect after a restart", section)
         if old.registry.poll_interval_s != new.registry.poll_interval_s:
