@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -364,6 +365,18 @@ def _worker_versions(base: str, name: str) -> dict[str, object]:
     return {str(w["pid"]): w["version"] for w in view.get("workers", [])}
 
 
+def _published_routes(pids: set[str]) -> dict[str, set[str]]:
+    """The routes each of ``pids`` last published (its state file in the supervisor's
+    directory, written at every poll and swap)."""
+    routes = {}
+    for pid in pids:
+        for path in Path(tempfile.gettempdir()).glob(f"modeld-metrics-*/modeld-state-{pid}.json"):
+            with contextlib.suppress(OSError, ValueError):
+                state = json.loads(path.read_text())
+                routes[pid] = {m["name"] for m in state["status"]["models"]}
+    return routes
+
+
 def _wait_versions(base: str, name: str, version: int, workers: int, *, avoid=frozenset()):
     deadline = time.monotonic() + 90
     seen: dict[str, object] = {}
@@ -424,11 +437,14 @@ def test_an_admin_pin_made_through_one_worker_holds_in_every_worker(registry, tm
         _wait_versions(base, "extra", 1, 2)
         status, _, _ = post(f"{base}/v2/repository/models/extra/unload", {})
         assert status == 200
-        deadline, misses, index = time.monotonic() + 30, 0, {}
-        while misses < 12:  # in a row, each on a new connection: every worker, all but surely
-            assert time.monotonic() < deadline, f"extra still served: {index}"
-            index = json.loads(urllib.request.urlopen(f"{base}/models", timeout=10).read())
-            misses = 0 if any(m["name"] == "extra" for m in index["models"]) else misses + 1
+        deadline, routes = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:  # what every worker publishes (a GET meets one)
+            routes = _published_routes(set(_worker_versions(base, "pinned")))
+            if len(routes) == 2 and not any("extra" in names for names in routes.values()):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"extra still served: {routes}")
     finally:
         # (the supervisor is rolling to a generation on version 2 by now: a SIGTERM in the
         # middle of a roll must reach the workers it forks, or it waits out the drain)
